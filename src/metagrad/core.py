@@ -1,0 +1,264 @@
+"""The functional core: a model as a function of a parameter dict, the inner loop, the meta-loss.
+
+Every algorithm is built from four pieces defined here:
+`functional(model)` turns a module into `f(params, x)`; `inner_loop` takes `inner_steps` steps of an
+inner optimizer on one task's support set; `query_losses` adapts every task of a `TaskBatch` and
+returns the query losses `[tasks]`; `meta_backward` accumulates the meta-gradient of their mean with
+the execution path that is fastest on the device (a per-task loop or `torch.func.vmap`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+
+from metagrad.inner import InnerOptimizer
+
+Params = dict[str, Tensor]
+LossFn = Callable[[Tensor, Tensor], Tensor]
+Model = Callable[[Params, Tensor], Tensor]
+Path = Literal["auto", "loop", "vmap"]
+
+
+@dataclass(frozen=True)
+class TaskBatch:
+    """A meta-batch of tasks: support `[tasks, shots, ...]` and query `[tasks, query_shots, ...]`."""
+
+    support_x: Tensor
+    support_y: Tensor
+    query_x: Tensor
+    query_y: Tensor
+
+    def __post_init__(self) -> None:
+        names = ("support_x", "support_y", "query_x", "query_y")
+        for name in names:
+            t = getattr(self, name)
+            if not isinstance(t, Tensor):
+                raise TypeError(f"TaskBatch.{name} must be a torch.Tensor, got {type(t).__name__}")
+            if t.dim() < 2:
+                raise ValueError(
+                    f"TaskBatch.{name} must have shape [tasks, shots, ...], got {tuple(t.shape)}"
+                )
+        tasks = {name: getattr(self, name).shape[0] for name in names}
+        if len(set(tasks.values())) != 1:
+            raise ValueError(f"TaskBatch tensors disagree on the number of tasks (dim 0): {tasks}")
+        for side in ("support", "query"):
+            x, y = getattr(self, f"{side}_x"), getattr(self, f"{side}_y")
+            if x.shape[1] != y.shape[1]:
+                raise ValueError(
+                    f"TaskBatch.{side}_x has {x.shape[1]} shots but {side}_y has {y.shape[1]} "
+                    f"(shapes {tuple(x.shape)} and {tuple(y.shape)})"
+                )
+        if self.support_x.shape[2:] != self.query_x.shape[2:]:
+            raise ValueError(
+                f"support_x and query_x must have the same example shape, got "
+                f"{tuple(self.support_x.shape[2:])} and {tuple(self.query_x.shape[2:])}"
+            )
+
+    @property
+    def n_tasks(self) -> int:
+        """Number of tasks in the batch."""
+        return self.support_x.shape[0]
+
+    def __len__(self) -> int:
+        return self.n_tasks
+
+    def __getitem__(self, index: int | slice | Tensor) -> TaskBatch:
+        """Tasks selected along dim 0; an integer keeps the task dimension (`[1, shots, ...]`)."""
+        if isinstance(index, int):
+            index = slice(index, index + 1 if index != -1 else None)
+        return TaskBatch(self.support_x[index], self.support_y[index], self.query_x[index], self.query_y[index])
+
+    def to(self, *args, **kwargs) -> TaskBatch:
+        """The batch moved or cast like `Tensor.to` (labels keep their integer dtype)."""
+        def move(t: Tensor) -> Tensor:
+            if t.is_floating_point():
+                return t.to(*args, **kwargs)
+            kw = {k: v for k, v in kwargs.items() if k != "dtype"}
+            dev = [a for a in args if isinstance(a, (str, torch.device))]
+            return t.to(*dev, **kw)
+
+        return TaskBatch(*(move(t) for t in self.tensors()))
+
+    def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(support_x, support_y, query_x, query_y)."""
+        return self.support_x, self.support_y, self.query_x, self.query_y
+
+    @staticmethod
+    def cat(batches: Sequence[TaskBatch]) -> TaskBatch:
+        """Concatenate batches along the task dimension."""
+        return TaskBatch(*(torch.cat(ts) for ts in zip(*(b.tensors() for b in batches))))
+
+
+def mse_loss(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error, the default loss (regression, as in the MAML paper)."""
+    return F.mse_loss(pred, target)
+
+
+def functional(model: nn.Module) -> Model:
+    """The module as a pure function `f(params, x)`; buffers are taken from the module."""
+    def f(params: Params, x: Tensor) -> Tensor:
+        return functional_call(model, (params, dict(model.named_buffers())), (x,), strict=False)
+
+    return f
+
+
+def named_params(model: nn.Module) -> Params:
+    """The trainable parameters of a module, as `named_parameters()` gives them."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _grads(
+    f: Model, loss_fn: LossFn, params: Params, x: Tensor, y: Tensor, names: Sequence[str],
+    create_graph: bool, vmapped: bool,
+) -> tuple[Tensor, Params]:
+    """Loss at `params` and its gradient with respect to `params[names]`."""
+    if vmapped:
+        # torch.autograd.grad cannot run under vmap; torch.func.grad can, and composes with the
+        # outer autograd graph for second order.
+        def loss_of(sub: Params) -> tuple[Tensor, Tensor]:
+            loss = loss_fn(f({**params, **sub}, x), y)
+            return loss, loss
+
+        sub = {n: params[n] for n in names}
+        if not create_graph:
+            sub = {n: p.detach() for n, p in sub.items()}
+        g, loss = torch.func.grad(loss_of, has_aux=True)(sub)
+        if not create_graph:
+            g = {n: t.detach() for n, t in g.items()}
+        return loss, g
+    if not create_graph or not all(params[n].requires_grad for n in names):
+        # First order (or no graph to the start, e.g. under no_grad): differentiate a detached copy.
+        params = {n: (p.detach().requires_grad_(True) if n in names else p.detach())
+                  for n, p in params.items()}
+        create_graph = False
+    loss = loss_fn(f(params, x), y)
+    g = torch.autograd.grad(loss, [params[n] for n in names], create_graph=create_graph)
+    return loss, dict(zip(names, g))
+
+
+def inner_step(
+    f: Model, loss_fn: LossFn, params: Params, state: object, x: Tensor, y: Tensor,
+    opt: InnerOptimizer, step: int, order: int, names: Sequence[str] | None = None,
+    vmapped: bool = False,
+) -> tuple[Params, object, Tensor]:
+    """One inner-optimizer step on `(x, y)`: returns new params, new state and the pre-step loss.
+
+    `order=2` keeps the graph of the gradient (exact MAML), `order=1` treats the gradient as a
+    constant (first-order MAML), `order=0` keeps no graph to the starting point at all (meta-test).
+    """
+    names = list(params) if names is None else list(names)
+    # Inner steps need gradients even when the caller is under no_grad (evaluation, finite differences).
+    with torch.enable_grad():
+        loss, g = _grads(f, loss_fn, params, x, y, names, create_graph=order >= 2, vmapped=vmapped)
+        sub = {n: params[n] for n in names}
+        updates, state = opt.update(g, state, sub, step)
+        new = dict(params)
+        for n in names:
+            new[n] = params[n] + updates[n]
+    if order == 0:
+        new = {n: p.detach() for n, p in new.items()}
+    return new, state, loss
+
+
+def inner_loop(
+    f: Model, loss_fn: LossFn, params: Params, x: Tensor, y: Tensor, opt: InnerOptimizer,
+    steps: int, order: int = 2, names: Sequence[str] | None = None, vmapped: bool = False,
+) -> list[Params]:
+    """`steps` inner steps on one task's support set `x [shots, ...]`; returns params after 0..steps."""
+    if order == 0:
+        params = {n: p.detach() for n, p in params.items()}
+    state = opt.init({n: params[n] for n in (params if names is None else names)})
+    trajectory = [params]
+    for k in range(steps):
+        params, state, _ = inner_step(f, loss_fn, params, state, x, y, opt, k, order, names, vmapped)
+        trajectory.append(params)
+    return trajectory
+
+
+def has_native_batchnorm(model: nn.Module) -> bool:
+    """True if the model uses torch's BatchNorm, whose second-order gradient is wrong under vmap."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def choose_path(model: nn.Module, order: int, device: torch.device, path: Path = "auto") -> str:
+    """The execution path for the meta-batch: the measured fastest one that is also correct.
+
+    On CPU a per-task loop wins except for small MLPs (vmap: one batched kernel per layer
+    instead of a Python loop). vmap over native BatchNorm is refused at order 2 (a torch.func
+    bug gives a wrong second-order gradient, ../shared/notes/peers.md).
+    """
+    if path not in ("auto", "loop", "vmap"):
+        raise ValueError(f"path must be 'auto', 'loop' or 'vmap', got {path!r}")
+    vmap_ok = not (order >= 2 and has_native_batchnorm(model))
+    if path == "vmap":
+        if not vmap_ok:
+            raise ValueError(
+                "path='vmap' with order=2 is refused for models with torch BatchNorm: torch.func.vmap "
+                "gives a wrong second-order gradient there (torch 2.13). Use path='loop' or "
+                "metagrad.models.TaskBatchNorm."
+            )
+        return "vmap"
+    if path == "loop":
+        return "loop"
+    if not vmap_ok:
+        return "loop"
+    convs = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+    if device.type == "cuda":
+        return "vmap"
+    return "loop" if convs else "vmap"
+
+
+def query_losses(
+    f: Model, loss_fn: LossFn, params: Params, batch: TaskBatch, opt: InnerOptimizer, steps: int,
+    order: int, path: str, names: Sequence[str] | None = None, all_steps: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Adapt each task on its support set and return query losses `[tasks]` (or `[tasks, steps+1]`
+    with `all_steps`) and, for integer labels, query accuracies of the same shape."""
+    classify = not batch.query_y.is_floating_point()
+
+    def one_task(p: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, vmapped: bool):
+        traj = inner_loop(f, loss_fn, p, sx, sy, opt, steps, order, names, vmapped)
+        chosen = traj if all_steps else traj[-1:]
+        losses, accs = [], []
+        for q in chosen:
+            out = f(q, qx)
+            losses.append(loss_fn(out, qy))
+            if classify:
+                accs.append((out.argmax(-1) == qy).float().mean())
+        acc = torch.stack(accs) if classify else torch.zeros(len(chosen), device=qx.device)
+        return torch.stack(losses), acc
+
+    if path == "vmap":
+        losses, accs = vmap(lambda *a: one_task(params, *a, vmapped=True), randomness="different")(
+            *batch.tensors()
+        )
+    else:
+        outs = [one_task(params, *(t[i] for t in batch.tensors()), vmapped=False) for i in range(len(batch))]
+        losses = torch.stack([o[0] for o in outs])
+        accs = torch.stack([o[1] for o in outs])
+    if not all_steps:
+        losses, accs = losses[:, 0], accs[:, 0]
+    return losses, (accs.detach() if classify else None)
+
+
+def chunks(batch: TaskBatch, path: str, chunk_size: int | None = None) -> Iterable[TaskBatch]:
+    """Slices of the batch to back-propagate one at a time (memory: one task's graph for the loop)."""
+    size = chunk_size or (len(batch) if path == "vmap" else 1)
+    for start in range(0, len(batch), size):
+        yield batch[start:start + size]
+
+
+def check_finite(value: Tensor, what: str) -> None:
+    """Raise a clear error on NaN or inf instead of silently corrupting the parameters."""
+    if not torch.isfinite(value).all():
+        raise FloatingPointError(
+            f"{what} is not finite ({value.detach().flatten()[:4].tolist()}); lower outer_lr or inner_lr, "
+            "or check the task data for NaN/inf"
+        )

@@ -1,0 +1,126 @@
+"""The core's meta-gradients against finite differences (float64) and across execution paths."""
+
+import pytest
+import torch
+from helpers import finite_difference, rel_err
+from torch import nn
+
+from metagrad import TaskBatch, core
+from metagrad.algorithms import MAML
+from metagrad.models import MLP, Conv4
+from metagrad.tasks import Sinusoid
+
+
+def small_cnn(batchnorm: str = "native") -> nn.Module:
+    torch.manual_seed(0)
+    return Conv4(ways=3, in_channels=1, hidden=4, pool="max", batchnorm=batchnorm).double()
+
+
+def image_batch(gen: torch.Generator, tasks: int = 2) -> TaskBatch:
+    x = torch.randn(tasks, 6, 1, 16, 16, generator=gen, dtype=torch.float64)
+    y = torch.arange(3).repeat(2).expand(tasks, 6).contiguous()
+    qx = torch.randn(tasks, 6, 1, 16, 16, generator=gen, dtype=torch.float64)
+    return TaskBatch(x, y, qx, y.clone())
+
+
+def check_against_fd(alg: MAML, batch: TaskBatch, tol: float) -> None:
+    params = list(alg.parameters())
+    loss = alg.meta_loss(batch)
+    analytic = torch.autograd.grad(loss, params)
+    numeric = finite_difference(lambda: alg.meta_loss(batch), params)
+    scale = torch.cat([n.flatten() for n in numeric]).norm()
+    assert rel_err(torch.cat([a.flatten() for a in analytic]), torch.cat([n.flatten() for n in numeric])) < tol
+    for a, n in zip(analytic, numeric):
+        # Per tensor too, against the whole gradient's size: conv biases before batch norm have 0 gradient.
+        assert float((a - n).norm()) < tol * float(scale)
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_maml_order2_mlp_matches_finite_differences(steps, gen):
+    torch.manual_seed(0)
+    alg = MAML(MLP((1, 8, 8, 1)).double(), inner_lr=0.05, inner_steps=steps, order=2)
+    batch = Sinusoid(shots=5, query_shots=5, dtype=torch.float64).sample(3, gen)
+    check_against_fd(alg, batch, 1e-6)
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_maml_order2_cnn_batchnorm_matches_finite_differences(steps, gen):
+    alg = MAML(small_cnn(), inner_lr=0.1, inner_steps=steps, order=2, loss_fn=nn.functional.cross_entropy)
+    assert alg.exec_path() == "loop"
+    check_against_fd(alg, image_batch(gen), 1e-5)
+
+
+def test_order2_differs_from_order1_and_conv_bias_before_batchnorm_has_zero_gradient(gen):
+    alg = MAML(small_cnn(), inner_lr=0.1, inner_steps=2, order=2, loss_fn=nn.functional.cross_entropy)
+    batch = image_batch(gen)
+    g2 = torch.autograd.grad(alg.meta_loss(batch), list(alg.parameters()))
+    names = [n for n, _ in alg.named_parameters()]
+    # A bias right before batch norm is cancelled by the mean subtraction: its exact gradient is 0.
+    for n, g in zip(names, g2):
+        if n.endswith("features.0.bias"):
+            assert g.abs().max() < 1e-12
+    alg.order = 1
+    g1 = torch.autograd.grad(alg.meta_loss(batch), list(alg.parameters()))
+    assert max(rel_err(a, b) for a, b in zip(g1, g2)) > 1e-3
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_vmap_path_equals_loop_path(order, gen):
+    torch.manual_seed(0)
+    model = MLP((1, 16, 16, 1)).double()
+    batch = Sinusoid(shots=5, query_shots=7, dtype=torch.float64).sample(4, gen)
+    grads = {}
+    for path in ("loop", "vmap"):
+        alg = MAML(model, inner_lr=0.02, inner_steps=2, order=order, path=path)
+        grads[path] = torch.autograd.grad(alg.meta_loss(batch), list(alg.parameters()))
+    for a, b in zip(grads["loop"], grads["vmap"]):
+        assert rel_err(a, b) < 1e-12
+
+
+def test_vmap_with_task_batchnorm_is_exact_at_second_order(gen):
+    grads = {}
+    for path in ("loop", "vmap"):
+        alg = MAML(small_cnn("task"), inner_lr=0.1, inner_steps=2, order=2,
+                   loss_fn=nn.functional.cross_entropy, path=path)
+        grads[path] = torch.autograd.grad(alg.meta_loss(image_batch(gen.manual_seed(1))), list(alg.parameters()))
+    flat = {k: torch.cat([g.flatten() for g in v]) for k, v in grads.items()}
+    assert rel_err(flat["vmap"], flat["loop"]) < 1e-10
+
+
+def test_vmap_refused_for_native_batchnorm_at_order2():
+    with pytest.raises(ValueError, match="BatchNorm"):
+        core.choose_path(small_cnn(), 2, torch.device("cpu"), "vmap")
+    assert core.choose_path(small_cnn(), 1, torch.device("cpu"), "vmap") == "vmap"
+
+
+def test_order1_equals_its_definition(gen):
+    """First-order MAML: the meta-gradient is the query gradient at the adapted params."""
+    torch.manual_seed(0)
+    model = MLP((1, 8, 1)).double()
+    batch = Sinusoid(shots=5, query_shots=5, dtype=torch.float64).sample(3, gen)
+    alg = MAML(model, inner_lr=0.03, inner_steps=2, order=1)
+    got = torch.autograd.grad(alg.meta_loss(batch), list(alg.parameters()))
+    f = core.functional(model)
+    expected = [torch.zeros_like(p) for p in model.parameters()]
+    for i in range(len(batch)):
+        p = {n: t.detach().clone() for n, t in model.named_parameters()}
+        for _ in range(2):
+            p = {n: t.requires_grad_() for n, t in p.items()}
+            g = torch.autograd.grad(core.mse_loss(f(p, batch.support_x[i]), batch.support_y[i]), list(p.values()))
+            p = {n: (t - 0.03 * gi).detach() for (n, t), gi in zip(p.items(), g)}
+        p = {n: t.requires_grad_() for n, t in p.items()}
+        gq = torch.autograd.grad(core.mse_loss(f(p, batch.query_x[i]), batch.query_y[i]), list(p.values()))
+        expected = [e + gi / len(batch) for e, gi in zip(expected, gq)]
+    for a, b in zip(got, expected):
+        assert rel_err(a, b) < 1e-12
+
+
+def test_meta_backward_in_chunks_equals_meta_loss_gradient(gen):
+    torch.manual_seed(0)
+    alg = MAML(MLP((1, 8, 1)).double(), inner_lr=0.03, inner_steps=1, path="loop")
+    batch = Sinusoid(shots=5, query_shots=5, dtype=torch.float64).sample(5, gen)
+    expected = torch.autograd.grad(alg.meta_loss(batch), list(alg.parameters()))
+    alg.zero_grad()
+    alg.meta_backward(batch)
+    for p, e in zip(alg.parameters(), expected):
+        assert rel_err(p.grad, e) < 1e-12
