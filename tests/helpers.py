@@ -7,7 +7,9 @@ from collections.abc import Callable
 import torch
 
 
-def finite_difference(fn: Callable[[], torch.Tensor], tensors: list[torch.Tensor], eps: float = 1e-6) -> list[torch.Tensor]:
+def finite_difference(
+    fn: Callable[[], torch.Tensor], tensors: list[torch.Tensor], eps: float = 1e-6
+) -> list[torch.Tensor]:
     """Central differences of the scalar `fn()` with respect to every entry of `tensors` (in place)."""
     out = []
     with torch.no_grad():

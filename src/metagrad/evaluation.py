@@ -29,7 +29,8 @@ class EvalResult:
 
     def __str__(self) -> str:
         scale, unit = (100.0, "%") if self.metric == "accuracy" else (1.0, "")
-        return f"{self.metric} {self.mean * scale:.3f}{unit} ± {self.ci95 * scale:.3f}{unit} (95% CI, {self.n_tasks} tasks)"
+        return (f"{self.metric} {self.mean * scale:.3f}{unit} ± {self.ci95 * scale:.3f}{unit} "
+                f"(95% CI, {self.n_tasks} tasks)")
 
 
 def mean_ci95(values: torch.Tensor) -> tuple[float, float]:

@@ -34,7 +34,9 @@ class Sinusoid:
             if not lo <= hi:
                 raise ValueError(f"{name} must be (low, high) with low <= high, got {(lo, hi)}")
 
-    def sample_params(self, n_tasks: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample_params(
+        self, n_tasks: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Amplitudes and phases `[n_tasks]` of fresh tasks."""
         check_positive(n_tasks=n_tasks)
         u = torch.rand(2, n_tasks, generator=generator, dtype=self.dtype)
