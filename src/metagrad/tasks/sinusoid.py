@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from metagrad.core import TaskBatch
-from metagrad.tasks.base import check_positive
+from metagrad.tasks.base import check_positive, family
 
 
+@family("sinusoid")
 @dataclass
 class Sinusoid:
     """Task family of sinusoids; `sample(n, generator)` gives support `[n, shots, 1]`, query `[n, query_shots, 1]`."""
