@@ -9,6 +9,7 @@ because `update` uses them differentiably.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -77,3 +78,105 @@ def with_l2(opt: InnerOptimizer, strength: float) -> InnerOptimizer:
         return updates, (start, inner)
 
     return InnerOptimizer(init, update, opt.meta_params, name=f"{opt.name}+l2")
+
+
+def adam(lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> InnerOptimizer:
+    """Adam (Kingma & Ba 2015) as an inner optimizer, with bias correction; state (m, v) per parameter."""
+    b1, b2 = betas
+
+    def init(params: Params) -> object:
+        return ({n: torch.zeros_like(p) for n, p in params.items()},
+                {n: torch.zeros_like(p) for n, p in params.items()})
+
+    def update(grads: Params, state: object, params: Params, step: int) -> tuple[Params, object]:
+        m, v = state
+        m = {n: b1 * m[n] + (1 - b1) * g for n, g in grads.items()}
+        v = {n: b2 * v[n] + (1 - b2) * g * g for n, g in grads.items()}
+        c1, c2 = 1 - b1 ** (step + 1), 1 - b2 ** (step + 1)
+        # eps inside the square root keeps the update differentiable at a zero gradient (sqrt'(0) = inf).
+        return {n: -lr * (m[n] / c1) / torch.sqrt(v[n] / c2 + eps * eps) for n in grads}, (m, v)
+
+    return InnerOptimizer(init, update, nn.ParameterDict(), name="adam")
+
+
+def _lstm_cell(x: Tensor, h: Tensor, c: Tensor, w_ih: Tensor, w_hh: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """One LSTM cell on a batch of coordinates: x `[N, in]`, h and c `[N, hidden]`."""
+    i, f, g, o = (x @ w_ih.T + h @ w_hh.T + b).chunk(4, dim=-1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
+def preprocess_gradient(g: Tensor, p: float = 10.0) -> Tensor:
+    """Andrychowicz et al. (2016, appendix A): `(log|g| / p, sign g)` if `|g| >= e^-p`, else `(-1, e^p g)`.
+
+    Maps gradients of any magnitude to inputs of order one: g `[N]` -> features `[N, 2]`.
+    """
+    small = math.exp(-p)
+    big = g.abs() >= small
+    log_mag = torch.where(big, torch.log(g.abs().clamp_min(small)) / p, -torch.ones_like(g))
+    sign = torch.where(big, torch.sign(g), g / small)
+    return torch.stack([log_mag, sign], dim=-1)
+
+
+def learned_lstm(
+    init_lr: float, hidden: int = 20, layers: int = 2, p: float = 10.0, output_scale: float = 0.1,
+    seed: int = 0, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
+) -> InnerOptimizer:
+    """A coordinate-wise LSTM optimizer (Andrychowicz et al. 2016) whose weights are `meta_params`.
+
+    Every scalar parameter is one row of a batch that shares the LSTM's weights; its input is the
+    preprocessed gradient, its hidden state carries the gradient history. The update of coordinate j is
+
+        update_j = -init_lr * exp(a . h_j + a0) * g_j  -  output_scale * (w . h_j + w0)
+
+    the paper's additive output (second term) plus a learned per-coordinate gain on the gradient (a
+    learned preconditioner, as in Wichrowska et al. 2017). The output heads start at zero, so the
+    untrained optimizer is exactly SGD at `init_lr`: meta-training starts from MAML's inner loop.
+    State: `(h, c)`, each `[layers, N, hidden]` for the N coordinates of all adapted parameters.
+    """
+    if not init_lr > 0:
+        raise ValueError(f"init_lr must be positive, got {init_lr!r}")
+    if int(hidden) != hidden or hidden < 1 or int(layers) != layers or layers < 1:
+        raise ValueError(f"hidden and layers must be positive integers, got hidden={hidden!r}, layers={layers!r}")
+    gen = torch.Generator().manual_seed(seed)
+    bound = 1.0 / math.sqrt(hidden)  # torch.nn.LSTM's default initialisation
+
+    def uniform(*shape: int) -> nn.Parameter:
+        w = (torch.rand(*shape, generator=gen, dtype=torch.float64) * 2 - 1) * bound
+        return nn.Parameter(w.to(dtype=dtype, device=device))
+
+    weights = nn.ParameterDict()
+    for layer in range(layers):
+        weights[f"w_ih{layer}"] = uniform(4 * hidden, 2 if layer == 0 else hidden)
+        weights[f"w_hh{layer}"] = uniform(4 * hidden, hidden)
+        weights[f"b{layer}"] = uniform(4 * hidden)
+    for head in ("gain", "out"):
+        weights[f"w_{head}"] = nn.Parameter(torch.zeros(hidden, dtype=dtype, device=device))
+        weights[f"b_{head}"] = nn.Parameter(torch.zeros((), dtype=dtype, device=device))
+
+    def init(params: Params) -> object:
+        n = sum(p.numel() for p in params.values())
+        ref = next(iter(params.values()))
+        zeros = torch.zeros(layers, n, hidden, dtype=ref.dtype, device=ref.device)
+        return zeros, zeros.clone()
+
+    def update(grads: Params, state: object, params: Params, step: int) -> tuple[Params, object]:
+        h_all, c_all = state
+        g = torch.cat([t.reshape(-1) for t in grads.values()])  # [N]: all coordinates in one LSTM batch
+        x = preprocess_gradient(g, p)
+        hs, cs = [], []
+        for layer in range(layers):
+            h, c = _lstm_cell(x, h_all[layer], c_all[layer], weights[f"w_ih{layer}"], weights[f"w_hh{layer}"],
+                              weights[f"b{layer}"])
+            hs.append(h)
+            cs.append(c)
+            x = h
+        gain = torch.exp(x @ weights["w_gain"] + weights["b_gain"])
+        flat = -init_lr * gain * g - output_scale * (x @ weights["w_out"] + weights["b_out"])
+        updates, start = {}, 0
+        for n, t in grads.items():
+            updates[n] = flat[start:start + t.numel()].reshape(t.shape)
+            start += t.numel()
+        return updates, (torch.stack(hs), torch.stack(cs))
+
+    return InnerOptimizer(init, update, weights, name="learned_lstm")
