@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from metagrad.algorithms.base import check_steps
 from metagrad.core import TaskBatch
 from metagrad.tasks.base import TaskDistribution
 
@@ -50,8 +51,11 @@ def evaluate(
     batch_size: int = 100,
 ) -> EvalResult:
     """Adapt `algorithm` on `n_tasks` held-out tasks for 0..`steps` inner steps (default: its
-    `inner_steps`) and report query accuracy for classification, query loss (MSE) otherwise."""
-    steps = algorithm.inner_steps if steps is None else int(steps)
+    `eval_steps`, i.e. `inner_steps` unless chosen by `select_eval_steps`) and report query accuracy
+    for classification, query loss otherwise."""
+    steps = algorithm.eval_steps if steps is None else check_steps(steps=steps)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
     if isinstance(tasks, TaskBatch):
         batches = [tasks[i:i + batch_size] for i in range(0, len(tasks), batch_size)]
     else:

@@ -2,15 +2,19 @@
 
 An algorithm defines `_meta_loss(batch) -> (loss, metrics)`: a scalar whose gradient with respect
 to `self.parameters()` is the algorithm's meta-gradient (its mean over the tasks of `batch`).
-Everything else (meta_step, adapt, evaluation, checkpoints) is here once.
+Everything else (meta_step, adapt, evaluation, checkpoints) is here once, and so is the early
+stopping of the inner loop at meta-test: `eval_steps` inner steps, chosen on validation tasks by
+`select_eval_steps`.
 """
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.func import vmap
 
 from metagrad import core
 from metagrad.core import LossFn, Params, Path, TaskBatch
@@ -30,12 +34,14 @@ class Algorithm(nn.Module):
         inner_opt: InnerOptimizer | None = None,
         path: Path = "auto",
         adapt_names: Sequence[str] | None = None,
+        eval_steps: int | None = None,
     ) -> None:
         super().__init__()
         if order not in (1, 2):
             raise ValueError(f"order must be 1 (first-order) or 2 (exact second order), got {order!r}")
-        if int(inner_steps) != inner_steps or inner_steps < 0:
-            raise ValueError(f"inner_steps must be a non-negative integer, got {inner_steps!r}")
+        check_steps(inner_steps=inner_steps)
+        if eval_steps is not None:
+            check_steps(eval_steps=eval_steps)
         if not inner_lr > 0 and inner_opt is None:
             raise ValueError(f"inner_lr must be positive, got {inner_lr!r}")
         self.model = model
@@ -55,6 +61,18 @@ class Algorithm(nn.Module):
         self.adapt_names = list(adapt_names) if adapt_names is not None else None
         self.f = core.functional(model)
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
+        # A buffer, so that a step count chosen on validation tasks is saved in checkpoints.
+        self.register_buffer("_eval_steps", torch.tensor(self.inner_steps if eval_steps is None else eval_steps))
+
+    @property
+    def eval_steps(self) -> int:
+        """Inner steps used at meta-test (`adapt`, `evaluate`): `inner_steps` unless chosen otherwise."""
+        return int(self._eval_steps)
+
+    @eval_steps.setter
+    def eval_steps(self, steps: int) -> None:
+        check_steps(eval_steps=steps)
+        self._eval_steps.fill_(int(steps))
 
     # -- pieces the algorithms use ---------------------------------------------------------------
     def params(self) -> Params:
@@ -72,6 +90,32 @@ class Algorithm(nn.Module):
     def _check_batch(self, batch: TaskBatch) -> None:
         if not isinstance(batch, TaskBatch):
             raise TypeError(f"expected a metagrad.TaskBatch, got {type(batch).__name__}")
+        if len(batch) == 0 or batch.support_x.shape[1] == 0 or batch.query_x.shape[1] == 0:
+            raise ValueError(f"the TaskBatch needs at least one task, one support and one query example; "
+                             f"got support {tuple(batch.support_x.shape)}, query {tuple(batch.query_x.shape)}")
+
+    def fit_tasks(self, x: Tensor, y: Tensor, steps: int, path: str | None = None) -> Params:
+        """Each task's parameters after `steps` inner steps on its `x [tasks, n, ...]`, without a graph
+        to the start: stacked `[tasks, *param.shape]` (parameters not in `adapt_names` repeat theta)."""
+        theta = self.params()
+
+        def one(xi: Tensor, yi: Tensor, vmapped: bool) -> Params:
+            return core.inner_loop(self.f, self.loss_fn, theta, xi, yi, self.inner_opt, steps, order=0,
+                                   names=self.adapt_names, vmapped=vmapped)[-1]
+
+        if (path or self.exec_path(1)) == "vmap":
+            return vmap(lambda xi, yi: one(xi, yi, True), randomness="different")(x, y)
+        fitted = [one(x[i], y[i], False) for i in range(x.shape[0])]
+        return {n: torch.stack([p[n] for p in fitted]) for n in fitted[0]}
+
+    def task_losses(self, stacked: Params, x: Tensor, y: Tensor, path: str | None = None) -> Tensor:
+        """Loss of each task's parameters `stacked [tasks, ...]` on its own `x [tasks, n, ...]`: `[tasks]`."""
+        def one(p: Params, xi: Tensor, yi: Tensor) -> Tensor:
+            return self.loss_fn(self.f(p, xi), yi)
+
+        if (path or self.exec_path(1)) == "vmap":
+            return vmap(one, randomness="different")(stacked, x, y)
+        return torch.stack([one({n: t[i] for n, t in stacked.items()}, x[i], y[i]) for i in range(x.shape[0])])
 
     def _meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
         raise NotImplementedError
@@ -108,15 +152,11 @@ class Algorithm(nn.Module):
         return metrics
 
     def adapt(self, batch: TaskBatch, steps: int | None = None) -> Params:
-        """Adapted parameters of every task, stacked: each tensor `[tasks, *param.shape]`."""
+        """Adapted parameters of every task after `steps` (default `eval_steps`) inner steps on its
+        support set, stacked: each tensor `[tasks, *param.shape]`."""
         self._check_batch(batch)
-        steps = self.inner_steps if steps is None else steps
-        adapted = [
-            core.inner_loop(self.f, self.loss_fn, self.params(), batch.support_x[i], batch.support_y[i],
-                            self.inner_opt, steps, order=0, names=self.adapt_names)[-1]
-            for i in range(len(batch))
-        ]
-        return {n: torch.stack([a[n] for a in adapted]) for n in adapted[0]}
+        steps = self.eval_steps if steps is None else check_steps(steps=steps)
+        return self.fit_tasks(batch.support_x, batch.support_y, steps)
 
     def predict(self, adapted: Params, x: Tensor) -> Tensor:
         """Outputs of each task's adapted model on its inputs `x [tasks, n, ...]`."""
@@ -126,6 +166,26 @@ class Algorithm(nn.Module):
     def adaptation_curve(self, batch: TaskBatch, steps: int) -> tuple[Tensor, Tensor | None]:
         """Query loss (and accuracy for labels) of each task after 0..steps inner steps: `[tasks, steps+1]`."""
         self._check_batch(batch)
+        check_steps(steps=steps)
+        # No graph to the start (order 0), so vmap is right even with torch BatchNorm: the path of order 1.
         losses, accs = core.query_losses(self.f, self.loss_fn, self.params(), batch, self.inner_opt, steps,
-                                         order=0, path="loop", names=self.adapt_names, all_steps=True)
+                                         order=0, path=self.exec_path(1), names=self.adapt_names,
+                                         all_steps=True)
         return losses, accs
+
+    @torch.no_grad()
+    def select_eval_steps(self, val_batch: TaskBatch, max_steps: int) -> int:
+        """Early stopping of the inner loop: set and return the step count in 0..`max_steps` with the
+        lowest mean query loss on the validation tasks `val_batch` (the fewest steps on a tie)."""
+        check_steps(max_steps=max_steps)
+        losses, _ = self.adaptation_curve(val_batch, max_steps)  # [tasks, max_steps + 1]
+        self.eval_steps = int(torch.argmin(losses.mean(0)))
+        return self.eval_steps
+
+
+def check_steps(**kwargs: int) -> int:
+    """Raise a clear error for a step count that is not a non-negative integer; return the (last) count."""
+    for name, value in kwargs.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    return int(value)

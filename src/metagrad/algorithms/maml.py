@@ -12,12 +12,14 @@ iterations; `order_anneal_iters` > 0 uses first order for that many iterations, 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from metagrad import core
-from metagrad.algorithms.base import Algorithm
+from metagrad.algorithms.base import Algorithm, check_steps
 from metagrad.core import LossFn, Path, TaskBatch
 from metagrad.inner import InnerOptimizer, per_layer_per_step_lr
 
@@ -47,10 +49,15 @@ class MAML(Algorithm):
         lslr: bool = False,
         multi_step_loss_iters: int = 0,
         order_anneal_iters: int = 0,
+        adapt_names: Sequence[str] | None = None,
+        eval_steps: int | None = None,
     ) -> None:
         if lslr and inner_opt is None:
-            inner_opt = per_layer_per_step_lr(core.named_params(model), inner_lr, max(inner_steps, 1))
-        super().__init__(model, inner_lr, inner_steps, order, loss_fn, inner_opt, path)
+            params = core.named_params(model)
+            adapted = {n: p for n, p in params.items() if adapt_names is None or n in adapt_names}
+            inner_opt = per_layer_per_step_lr(adapted, inner_lr, max(inner_steps, 1))
+        super().__init__(model, inner_lr, inner_steps, order, loss_fn, inner_opt, path, adapt_names, eval_steps)
+        check_steps(multi_step_loss_iters=multi_step_loss_iters, order_anneal_iters=order_anneal_iters)
         self.multi_step_loss_iters = int(multi_step_loss_iters)
         self.order_anneal_iters = int(order_anneal_iters)
 
@@ -66,10 +73,12 @@ class MAML(Algorithm):
         msl = self.multi_step_loss_iters > 0 and int(self.iteration) < self.multi_step_loss_iters \
             and self.inner_steps > 1
         losses, accs = core.query_losses(self.f, self.loss_fn, self.params(), batch, self.inner_opt,
-                                         self.inner_steps, order, self.exec_path(order), all_steps=msl)
+                                         self.inner_steps, order, self.exec_path(order), self.adapt_names,
+                                         all_steps=msl)
         if msl:
             w = torch.as_tensor(multi_step_weights(self.inner_steps, int(self.iteration),
-                                                   self.multi_step_loss_iters), dtype=losses.dtype)
+                                                   self.multi_step_loss_iters), dtype=losses.dtype,
+                                device=losses.device)
             loss = (losses[:, 1:] @ w).mean()
             accs = accs[:, -1] if accs is not None else None
         else:
