@@ -1,0 +1,147 @@
+"""Omniglot accuracy within a wall-time budget: metagrad's MAML against learn2learn's and higher's.
+
+The question a user with one machine and one hour asks: how accurate a 5-way 1-shot (and 20-way
+1-shot) Omniglot model does each library give me in that time? Every implementation trains the same
+MAML (the paper's Conv4 with stride-2 convolutions, exact second order, the paper's inner_lr,
+inner_steps and meta_batch, Adam with outer_lr 1e-3) from the same initial weights on the same
+sequence of task batches from `metagrad.tasks.Omniglot` (MAML protocol, training characters); only
+the meta-gradient computation differs (the peers' step functions of benchmarks/speed.py). Only the
+time spent in meta-iterations counts against the budget. At `--evals` evenly spaced points of the
+budget the model is evaluated, by the same code for everyone (`metagrad.evaluate` on the same
+`--eval-tasks` episodes of the 423 held-out characters, `eval_steps` inner steps): accuracy after
+15, 30, 45, 60 minutes with the default budget.
+
+Peers are used where they import (they live in .venv-bench, built by `make bench-deps`); missing
+ones are named and skipped, so the script always runs ours:
+
+    python benchmarks/omniglot_budget.py                                # 60 min per cell: ~6 h with both peers
+    .venv-bench/bin/python benchmarks/omniglot_budget.py --minutes 10 --tasks 5w1s
+    python benchmarks/omniglot_budget.py --minutes 1 --eval-tasks 100   # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from speed import PEER_STEPS, ours_step
+from torch import nn
+
+from metagrad import parallel
+from metagrad.algorithms import MAML
+from metagrad.evaluation import evaluate
+from metagrad.models import Conv4
+from metagrad.tasks.omniglot import Omniglot
+
+# The MAML paper's settings per cell: inner_lr, inner_steps (train), eval_steps, meta_batch.
+CELLS = {"5w1s": (5, 1, 0.4, 1, 3, 32), "20w1s": (20, 1, 0.1, 5, 5, 16)}
+PUBLISHED = {"5w1s": 98.7, "20w1s": 95.8}  # MAML paper, table 1, after 60,000 iterations
+PEERS = ("learn2learn", "higher")
+
+
+def available(peer: str) -> str | None:
+    """None if the peer can be used here, else why not."""
+    try:
+        if peer == "learn2learn":
+            PEER_STEPS[peer](nn.Linear(1, 1), nn.functional.mse_loss, 0.1, 1, 2)  # imports it (with its stub)
+        else:
+            __import__(peer)
+        return None
+    except Exception as err:  # an ImportError, or a broken build of the peer
+        return f"{type(err).__name__}: {err}"
+
+
+def train_and_evaluate(impl: str, cell: str, args: argparse.Namespace) -> dict:
+    """Meta-train with `impl` for the budget; evaluate at evenly spaced points of it."""
+    ways, shots, inner_lr, inner_steps, eval_steps, meta_batch = CELLS[cell]
+    task_args = dict(ways=ways, shots=shots, query_shots=shots, root=args.data or None, device=args.device)
+    tasks, test = Omniglot(**task_args), Omniglot(split="test", **task_args)
+    torch.manual_seed(args.seed)
+    model = Conv4(ways, 1, 64, pool="stride").to(args.device)
+    loss_fn = nn.functional.cross_entropy
+    if impl == "metagrad":
+        step = ours_step(model, loss_fn, inner_lr, inner_steps, 2, args.path)
+    else:
+        step = PEER_STEPS[impl](model, loss_fn, inner_lr, inner_steps, 2)
+    # The evaluator shares the model's parameters: the same protocol whatever trained them.
+    evaluator = MAML(model, inner_lr=inner_lr, inner_steps=inner_steps, loss_fn=loss_fn, eval_steps=eval_steps)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.outer_lr)
+    gen = torch.Generator().manual_seed(args.seed)
+    budget = args.minutes * 60
+    marks = [budget * (k + 1) / args.evals for k in range(args.evals)]
+    trained, iterations, points = 0.0, 0, []
+    while marks:
+        batch = tasks.sample(meta_batch, gen).to(args.device)
+        t0 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        step(batch)
+        optimizer.step()
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        trained += time.perf_counter() - t0
+        iterations += 1
+        if trained >= marks[0]:
+            marks.pop(0)
+            episodes = torch.Generator().manual_seed(args.seed + 10_000)  # the same test episodes for everyone
+            r = evaluate(evaluator, test, args.eval_tasks, eval_steps, episodes)
+            points.append((trained, iterations, r.mean, r.ci95))
+            print(f"  {impl:12s} {cell}: {trained / 60:6.1f} min, {iterations:6d} iterations, "
+                  f"test accuracy {100 * r.mean:.2f} ± {100 * r.ci95:.2f}%", flush=True)
+    if args.path.startswith("parallel"):
+        parallel.shutdown()
+    return {"impl": impl, "cell": cell, "points": points}
+
+
+def print_table(rows: list[dict], args: argparse.Namespace) -> None:
+    heads = [f"{args.minutes * (k + 1) / args.evals:g} min" for k in range(args.evals)]
+    print("\n| task | implementation | iterations | iterations/hour | " + " | ".join(heads)
+          + " | MAML paper (60k it.) |")
+    print("|" + "---|" * (5 + len(heads)))
+    for r in rows:
+        seconds, its = r["points"][-1][0], r["points"][-1][1]
+        accs = [f"{100 * m:.2f} ± {100 * c:.2f}" for _, _, m, c in r["points"]]
+        print(f"| {r['cell']} | {r['impl']} | {its} | {3600 * its / seconds:.0f} | " + " | ".join(accs)
+              + f" | {PUBLISHED[r['cell']]} |")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--minutes", type=float, default=60.0, help="training budget per implementation and task")
+    p.add_argument("--tasks", default="5w1s,20w1s", help=f"comma-separated, from {sorted(CELLS)}")
+    p.add_argument("--peers", default=",".join(PEERS), help="comma-separated; '' for ours alone")
+    p.add_argument("--evals", type=int, default=4, help="evaluation points, evenly spaced over the budget")
+    p.add_argument("--eval-tasks", type=int, default=600, help="test episodes per evaluation (the papers': 600)")
+    p.add_argument("--path", default="auto", help="metagrad's execution path (core.choose_path; speed.py)")
+    p.add_argument("--outer-lr", type=float, default=1e-3)
+    p.add_argument("--threads", type=int, default=0, help="torch threads for every implementation; 0: default")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--data", default="", help="folder holding omniglot/ (default: $METAGRAD_DATA)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    cells = [c for c in args.tasks.split(",") if c]
+    unknown = sorted(set(cells) - set(CELLS))
+    if unknown:
+        p.error(f"--tasks: unknown {unknown}; choose from {sorted(CELLS)}")
+    peers = [x for x in args.peers.split(",") if x]
+    if sorted(set(peers) - set(PEERS)):
+        p.error(f"--peers: unknown {sorted(set(peers) - set(PEERS))}; choose from {list(PEERS)}")
+    if not args.minutes > 0 or args.evals < 1 or args.eval_tasks < 1:
+        p.error("--minutes must be positive, --evals and --eval-tasks at least 1")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    impls = ["metagrad"]
+    for peer in peers:
+        why = available(peer)
+        if why:
+            print(f"{peer}: not available here, skipped ({why}); run with .venv-bench/bin/python to include it")
+        else:
+            impls.append(peer)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}; "
+          f"{args.minutes:g} min of meta-training per implementation and task; running: {', '.join(impls)}")
+    rows = [train_and_evaluate(impl, cell, args) for cell in cells for impl in impls]
+    print_table(rows, args)
+
+
+if __name__ == "__main__":
+    main()
