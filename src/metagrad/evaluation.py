@@ -62,7 +62,8 @@ def evaluate(
         if n_tasks < 1:
             raise ValueError(f"n_tasks must be positive, got {n_tasks}")
         sizes = [min(batch_size, n_tasks - i) for i in range(0, n_tasks, batch_size)]
-        batches = [tasks.sample(s, generator) for s in sizes]
+        # Sampled one batch at a time: 600 episodes of 20-way 5-shot would hold hundreds of MB at once.
+        batches = (tasks.sample(s, generator) for s in sizes)
     device = algorithm.device()
     per_task = []
     metric = "loss"
