@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
+
+# Config keys a resumed run may change: how long and where it runs, not what it computes.
+RESUMABLE_CHANGES = ("resume", "iterations", "out", "device", "time_budget")
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -42,26 +46,33 @@ def _jsonable(obj: Any) -> Any:
 class Run:
     """The folder of one run: `runs/<name>/{config.json, metrics.jsonl, results.json, checkpoint.pt, *.png}`."""
 
-    def __init__(self, directory: str | Path, config: dict[str, Any] | None = None, resume: bool = False) -> None:
+    def __init__(self, directory: str | Path, config: dict[str, Any] | None = None, resume: bool = False,
+                 overwrite: bool = False) -> None:
         self.dir = Path(directory)
         self.resume = resume
+        if overwrite and not resume and self.dir.exists():
+            shutil.rmtree(self.dir)
         if self.dir.exists() and not resume and any(self.dir.iterdir()):
             if (self.dir / "checkpoint.pt").exists() or (self.dir / "results.json").exists():
                 raise FileExistsError(
-                    f"run folder {self.dir} already holds a run; pass --resume to continue it or choose "
-                    "another --out/--name"
+                    f"run folder {self.dir} already holds a run; pass --resume to continue it, --overwrite to "
+                    "replace it, or choose another --out"
                 )
         self.dir.mkdir(parents=True, exist_ok=True)
         self.config = dict(config or {})
         if resume and (self.dir / "config.json").exists():
             saved = json.loads((self.dir / "config.json").read_text())
             changed = {k: (saved.get(k), v) for k, v in self.config.items()
-                       if k in saved and saved[k] != v and k not in ("resume", "iterations", "out")}
+                       if k in saved and saved[k] != v and k not in RESUMABLE_CHANGES}
             if changed:
                 raise ValueError(f"--resume with a different config than the saved one: {changed}")
             self.config = {**saved, **self.config}
         atomic_write_json(self.dir / "config.json", self.config)
         self._t0 = time.time()
+
+    def child(self, name: str, config: dict[str, Any] | None = None) -> Run:
+        """A run folder inside this one (one per model an experiment trains), resumed with it."""
+        return Run(self.dir / name, config, resume=self.resume)
 
     @property
     def checkpoint_path(self) -> Path:

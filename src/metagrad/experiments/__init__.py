@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import json
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,25 +31,43 @@ class Experiment:
 
     def make_config(self, overrides: dict[str, Any] | None = None) -> Any:
         """The default config with `overrides` applied; unknown keys are a clear error."""
-        fields = {f.name: f for f in dataclasses.fields(self.config_cls)}
-        overrides = dict(overrides or {})
-        unknown = sorted(set(overrides) - set(fields))
-        if unknown:
-            raise KeyError(f"unknown config key(s) {unknown} for experiment {self.name!r}; "
-                           f"valid keys: {sorted(fields)}")
-        cfg = self.config_cls()
-        for key, value in overrides.items():
-            setattr(cfg, key, coerce(value, getattr(cfg, key), key))
-        return cfg
+        return make_config(self.config_cls, overrides or {}, f"experiment {self.name!r}")
+
+
+def make_config(config_cls: type, overrides: dict[str, Any], what: str) -> Any:
+    """`config_cls()` with `overrides` applied, strings converted to each field's type; unknown keys are errors."""
+    fields = {f.name for f in dataclasses.fields(config_cls)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise KeyError(f"unknown config key(s) {unknown} for {what}; valid keys: {sorted(fields)}")
+    cfg = config_cls()
+    for key, value in overrides.items():
+        setattr(cfg, key, coerce(value, getattr(cfg, key), key))
+    return cfg
 
 
 REGISTRY: dict[str, Experiment] = {}
 
 
 def coerce(value: Any, default: Any, key: str) -> Any:
-    """Convert a command-line string to the type of the default value."""
-    if not isinstance(value, str) or isinstance(default, str) or default is None:
+    """Convert a command-line string (or a JSON list) to the type of the default value."""
+    if isinstance(value, list) and isinstance(default, tuple):
+        return tuple(value)
+    if not isinstance(value, str) or isinstance(default, str):
         return value
+    if isinstance(default, dict):  # argument tables, e.g. algorithm_args='{"lslr": true}'
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise ValueError(f"config key {key!r} expects a JSON object, got {value!r}")
+        return parsed
+    if default is None:  # an optional value: a number or null if it parses as one, else the string
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError:
+            return value
     try:
         if isinstance(default, bool):
             if value.lower() in ("1", "true", "yes", "on"):

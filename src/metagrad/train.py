@@ -1,0 +1,304 @@
+"""The meta-training loop: sample a meta-batch, take an outer step, log, checkpoint, resume.
+
+    gen = Generator(seed)
+    for iteration in start..iterations:
+        batch = tasks.sample(meta_batch, gen)            # [meta_batch, shots, ...]
+        metrics = algorithm.meta_step(batch, optimizer)  # Adam(outer_lr) by default
+        every log_every:        metrics.jsonl line (means over the window), progress bar
+        every val_every:        query loss/accuracy on fixed meta-train and held-out tasks, and their gap
+        every checkpoint_every: checkpoint (algorithm, optimizer, task generator, log window)
+    Ctrl-C / SIGTERM: finish the iteration, save a checkpoint, raise TrainingInterrupted.
+
+A checkpoint holds everything the loop's future depends on, so a resumed run is bit-identical to
+an uninterrupted one. It also holds a `spec` (names and arguments of algorithm, model and task
+family) from which `build` makes the same objects again: `metagrad eval` and `--resume` use it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from metagrad.algorithms.base import Algorithm
+from metagrad.evaluation import evaluate
+from metagrad.models import MLP, Conv4
+from metagrad.runs import Run
+from metagrad.tasks.base import TaskDistribution, get_family
+
+MODELS: dict[str, Any] = {"mlp": MLP, "conv4": Conv4}
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Raised after Ctrl-C or SIGTERM once the checkpoint is saved; resume continues the run."""
+
+
+@dataclass
+class TrainResult:
+    """How the loop ended: iterations done, why it stopped, training seconds (all sessions), last logged metrics."""
+
+    iteration: int
+    stopped: str  # "done" | "time_budget"
+    seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+# -- building objects from a spec ---------------------------------------------------------------------
+def algorithms() -> dict[str, type]:
+    """The algorithm registry, name -> class."""
+    import metagrad.algorithms as pkg
+
+    return getattr(pkg, "ALGORITHMS", {"maml": pkg.MAML})
+
+
+def _call(kind: str, name: str, fn: Any, args: dict[str, Any], **fixed: Any) -> Any:
+    """`fn(**fixed, **args)` with a clear error for an argument `fn` does not take."""
+    params = inspect.signature(fn).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(args) - set(params))
+        if unknown:
+            valid = sorted(set(params) - set(fixed) - {"self"})
+            raise KeyError(f"{kind} {name!r} has no argument(s) {unknown}; it takes {valid}")
+    return fn(**fixed, **args)
+
+
+def _lookup(kind: str, registry: dict[str, Any], name: str) -> Any:
+    if name not in registry:
+        raise KeyError(f"unknown {kind} {name!r}; known: {', '.join(sorted(registry))}")
+    return registry[name]
+
+
+def build_tasks(spec: dict[str, Any], split: str | None = None) -> TaskDistribution:
+    """The task family of `spec` (`tasks`, `task_args`), on `split` if the family has splits."""
+    cls = get_family(spec["tasks"])
+    args = dict(spec.get("task_args") or {})
+    if split is not None and "split" in inspect.signature(cls).parameters:
+        args["split"] = split
+    return _call("task family", spec["tasks"], cls, args)
+
+
+def build(spec: dict[str, Any], seed: int = 0) -> tuple[Algorithm, TaskDistribution]:
+    """The algorithm (with a freshly initialised model, seeded) and the meta-training task family of `spec`.
+
+    spec: {"algorithm": "maml", "algorithm_args": {...}, "model": "mlp"|"conv4"|"auto",
+           "model_args": {...}, "tasks": "sinusoid", "task_args": {...}}
+    """
+    known = {"algorithm", "algorithm_args", "model", "model_args", "tasks", "task_args"}
+    if set(spec) - known:
+        raise KeyError(f"unknown spec key(s) {sorted(set(spec) - known)}; expected {sorted(known)}")
+    alg_cls = _lookup("algorithm", algorithms(), spec["algorithm"])
+    tasks = build_tasks(spec, split="train")
+    example = tasks.sample(1, torch.Generator().manual_seed(seed))  # shapes and label type only
+    classify = not example.query_y.is_floating_point()
+    model_name = spec.get("model", "auto")
+    model_args = dict(spec.get("model_args") or {})
+    if model_name == "auto":
+        model_name = "conv4" if example.support_x.dim() == 5 else "mlp"  # [tasks, shots, C, H, W]: images
+    if model_name == "mlp" and "sizes" not in model_args:
+        outputs = int(getattr(tasks, "ways", 0)) if classify else example.support_y.shape[-1]
+        model_args["sizes"] = (example.support_x.shape[-1], 40, 40, outputs)
+    if model_name == "conv4":
+        model_args.setdefault("ways", int(tasks.ways))
+        model_args.setdefault("in_channels", example.support_x.shape[2])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the model's initialisation is part of the run's seed
+        model = _call("model", model_name, _lookup("model", MODELS, model_name), model_args)
+    fixed = {"model": model}
+    if classify:
+        fixed["loss_fn"] = nn.functional.cross_entropy
+    return _call("algorithm", spec["algorithm"], alg_cls, dict(spec.get("algorithm_args") or {}), **fixed), tasks
+
+
+# -- checkpoints -------------------------------------------------------------------------------------
+def identity(algorithm: nn.Module) -> dict[str, Any]:
+    """What must match to load a checkpoint: the algorithm class and every state tensor's shape."""
+    return {"class": type(algorithm).__name__,
+            "shapes": {k: list(v.shape) for k, v in algorithm.state_dict().items()}}
+
+
+def check_compatible(saved: dict[str, Any], algorithm: nn.Module, source: str) -> None:
+    """A clear error naming what differs between a checkpoint and the algorithm it is loaded into."""
+    now = identity(algorithm)
+    problems = []
+    if saved["class"] != now["class"]:
+        problems.append(f"algorithm {saved['class']} vs {now['class']}")
+    a, b = saved["shapes"], now["shapes"]
+    if sorted(set(a) - set(b)):
+        problems.append(f"tensors only in the checkpoint: {sorted(set(a) - set(b))}")
+    if sorted(set(b) - set(a)):
+        problems.append(f"tensors only in this model: {sorted(set(b) - set(a))}")
+    problems += [f"{k} has shape {a[k]} in the checkpoint, {b[k]} in this model" for k in a if k in b and a[k] != b[k]]
+    if problems:
+        raise ValueError(f"checkpoint {source} is from another model: " + "; ".join(problems))
+
+
+def load_checkpoint(algorithm: nn.Module, checkpoint: str | Path | dict[str, Any]) -> dict[str, Any]:
+    """Load a checkpoint's algorithm state into `algorithm` (after checking it fits); returns the checkpoint."""
+    source = "(dict)" if isinstance(checkpoint, dict) else str(checkpoint)
+    if not isinstance(checkpoint, dict):
+        if not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    check_compatible(checkpoint["identity"], algorithm, source)
+    algorithm.load_state_dict(checkpoint["algorithm"])
+    return checkpoint
+
+
+# -- the loop ----------------------------------------------------------------------------------------
+@contextmanager
+def _deferred_interrupts() -> Iterator[list[int]]:
+    """Turn the first SIGINT/SIGTERM into a flag checked between iterations, so no checkpoint is mid-step."""
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if received:  # a second signal: stop at once
+            raise KeyboardInterrupt
+        received.append(signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def meta_train(
+    algorithm: Algorithm,
+    tasks: TaskDistribution,
+    iterations: int,
+    meta_batch: int = 25,
+    outer_lr: float = 1e-3,
+    run: Run | None = None,
+    seed: int = 0,
+    optimizer: torch.optim.Optimizer | None = None,
+    val_tasks: TaskDistribution | None = None,
+    val_every: int = 0,
+    val_n_tasks: int = 100,
+    log_every: int = 50,
+    checkpoint_every: int = 1000,
+    time_budget: float | None = None,
+    device: str | torch.device = "cpu",
+    spec: dict[str, Any] | None = None,
+    progress: bool = True,
+    desc: str = "meta-train",
+) -> TrainResult:
+    """Meta-train `algorithm` on tasks from `tasks` for `iterations` outer steps of `meta_batch` tasks each.
+
+    With `run`, writes metrics.jsonl and checkpoint.pt there, and if `run.resume` continues from its
+    checkpoint. `val_tasks` (held-out) are compared every `val_every` iterations with as many fixed
+    meta-training tasks: the meta-train vs meta-test gap. `time_budget` (seconds) stops early, cleanly.
+    """
+    for name, value in (("iterations", iterations), ("meta_batch", meta_batch)):
+        if int(value) != value or value < (0 if name == "iterations" else 1):
+            raise ValueError(f"{name} must be a {'non-negative' if name == 'iterations' else 'positive'} "
+                             f"integer, got {value!r}")
+    if not outer_lr > 0:
+        raise ValueError(f"outer_lr must be positive, got {outer_lr!r}")
+    device = torch.device(device)
+    algorithm.to(device)
+    optimizer = optimizer or torch.optim.Adam(algorithm.parameters(), lr=outer_lr)
+    gen = torch.Generator().manual_seed(seed)
+    window: dict[str, float] = {}  # sums of metrics since the last log line
+    start, seconds_before = 0, 0.0  # a resumed run's iterations and training seconds so far
+    state = run.load_checkpoint() if run is not None and run.resume else None
+    if state is not None:
+        load_checkpoint(algorithm, state)
+        optimizer.load_state_dict(state["optimizer"])
+        gen.set_state(state["generator"])
+        window = dict(state["window"])
+        start, seconds_before = int(state["iteration"]), float(state.get("seconds", 0.0))
+        run.truncate_metrics(start)
+    if val_tasks is not None and val_every > 0:
+        # Fixed sets from their own generators: validation never moves the training generator.
+        fixed_val = val_tasks.sample(val_n_tasks, torch.Generator().manual_seed(seed + 1))
+        fixed_train = tasks.sample(val_n_tasks, torch.Generator().manual_seed(seed + 2))
+
+    def checkpoint(iteration: int) -> None:
+        if run is not None:
+            run.save_checkpoint({
+                "iteration": iteration, "algorithm": algorithm.state_dict(), "identity": identity(algorithm),
+                "optimizer": optimizer.state_dict(), "generator": gen.get_state(), "window": window,
+                "spec": spec, "seed": seed, "meta_batch": meta_batch, "outer_lr": outer_lr,
+                "seconds": seconds_before + time.perf_counter() - t0,
+            })
+
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    last: dict[str, float] = {}
+    stopped = "done"
+    with _deferred_interrupts() as interrupts, tqdm(total=iterations, initial=start, desc=desc, disable=not progress,
+                                                    dynamic_ncols=True, mininterval=0.5) as bar:
+        for i in range(start, iterations):
+            batch = tasks.sample(meta_batch, gen).to(device)
+            metrics = algorithm.meta_step(batch, optimizer)
+            for k, v in metrics.items():
+                window[k] = window.get(k, 0.0) + v
+            window["_n"] = window.get("_n", 0.0) + 1
+            step = i + 1
+            line: dict[str, float] = {}
+            # Lines only at multiples (not at the last step): a run extended later logs what a longer run would.
+            if step % log_every == 0:
+                n = window.pop("_n")
+                line = {k: v / n for k, v in window.items()}
+                window = {}
+                last = line
+                bar.set_postfix({k: f"{v:.4g}" for k, v in line.items() if k != "grad_norm"}, refresh=False)
+            if val_tasks is not None and val_every > 0 and step % val_every == 0:
+                on_train = evaluate(algorithm, fixed_train)
+                on_val = evaluate(algorithm, fixed_val)
+                line = {**line, f"meta_train_{on_val.metric}": on_train.mean, f"meta_test_{on_val.metric}": on_val.mean,
+                        "gap": on_val.mean - on_train.mean, "meta_test_ci95": on_val.ci95}
+            if line and run is not None:
+                run.log(step, line)
+            bar.update(1)
+            if step % checkpoint_every == 0 and step < iterations:
+                checkpoint(step)
+            if interrupts:
+                checkpoint(step)
+                raise TrainingInterrupted(f"interrupted at iteration {step} of {iterations}; checkpoint saved"
+                                          + (f" in {run.dir}" if run is not None else ""))
+            if time_budget is not None and time.perf_counter() - t0 > time_budget and step < iterations:
+                stopped = "time_budget"
+                break
+        else:
+            step = max(start, iterations)
+    checkpoint(step)
+    if not last and window.get("_n"):
+        last = {k: v / window["_n"] for k, v in window.items() if k != "_n"}
+    return TrainResult(step, stopped, seconds_before + time.perf_counter() - t0, last)
+
+
+def evaluate_checkpoint(path: str | Path, n_tasks: int = 1000, steps: int | None = None, seed: int | None = None,
+                        split: str = "test", device: str = "cpu") -> tuple[Algorithm, Any]:
+    """Rebuild the algorithm of a checkpoint from its spec, load it, evaluate on held-out tasks (seed: the run's)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if not state.get("spec"):
+        raise ValueError(f"checkpoint {path} has no spec to rebuild its algorithm from; "
+                         "load it into your own with metagrad.train.load_checkpoint(algorithm, path)")
+    algorithm, _ = build(state["spec"], seed=int(state.get("seed", 0)))
+    load_checkpoint(algorithm, state)
+    algorithm.to(device)
+    seed = int(state.get("seed", 0)) if seed is None else seed
+    # Held-out tasks from a generator no training run uses (training: seed, seed+1, seed+2).
+    result = evaluate(algorithm, build_tasks(state["spec"], split=split), n_tasks, steps,
+                      torch.Generator().manual_seed(seed + 10_000))
+    return algorithm, result
