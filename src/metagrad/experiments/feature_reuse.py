@@ -135,7 +135,6 @@ def run_feature_reuse(cfg: Config, run: Run) -> dict:
     """Table of query MSE vs feature overlap; plots of the gap and the meta-training curves."""
     import matplotlib.pyplot as plt
 
-    torch.set_num_threads(1)
     r = compare(cfg)
     rows = r["table"]
     fig, ax = plt.subplots(1, 2, figsize=(13, 4.8))

@@ -172,7 +172,6 @@ def run_meta_gradient(cfg: Config, run: Run) -> dict:
     """Tables of gradient errors; plot of first order's agreement with the exact meta-gradient vs alpha*lambda."""
     import matplotlib.pyplot as plt
 
-    torch.set_num_threads(1)
     g = torch.Generator().manual_seed(cfg.seed)
     quad, mlp = quadratic_rows(cfg, g), mlp_rows(cfg, g)
     fig, ax = plt.subplots(1, 3, figsize=(18, 4.8))

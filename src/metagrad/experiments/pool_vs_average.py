@@ -92,7 +92,6 @@ def run_pool_vs_average(cfg: Config, run: Run) -> dict:
     """The (diversity x imbalance) grid as a table and a heat map of log10(MSE pool / MSE average)."""
     import matplotlib.pyplot as plt
 
-    torch.set_num_threads(1)
     rows = grid(cfg)
     ratio = torch.tensor([math.log10(r["mse_pool"] / r["mse_average"]) for r in rows]).view(
         len(cfg.diversities), len(cfg.imbalances))

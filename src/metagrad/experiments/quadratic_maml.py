@@ -106,7 +106,6 @@ def run_quadratic_maml(cfg: Config, run: Run) -> dict:
     """Table of post-adaptation losses; plots of optima and starts, and of the closed-form task weights."""
     import matplotlib.pyplot as plt
 
-    torch.set_num_threads(1)
     r = compare(cfg)
     fig, ax = plt.subplots(1, 2, figsize=(13, 5))
     logc = torch.linalg.eigvalsh(r["a"]).log().mean(1)

@@ -128,7 +128,6 @@ def run_task_center(cfg: Config, run: Run) -> dict:
     """Candidate starts vs held-out optima: table of expected distances, scatter and descent plots."""
     import matplotlib.pyplot as plt
 
-    torch.set_num_threads(1)
     r = compare_starts(cfg)
     fig, ax = plt.subplots(1, 3, figsize=(18, 4.8), gridspec_kw={"wspace": 0.55})
     pts = r["test"][:2000]
