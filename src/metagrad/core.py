@@ -5,13 +5,17 @@ Every algorithm is built from four pieces defined here:
 inner optimizer on one task's support set; `query_losses` adapts every task of a `TaskBatch` and
 returns the query losses `[tasks]`; `meta_backward` accumulates the meta-gradient of their mean with
 the execution path that is fastest on the device (a per-task loop or `torch.func.vmap`).
+
+An execution path is a base (`loop` or `vmap`) with options joined by `+`: `cl` (channels-last
+images and conv weights), `bf16` (bfloat16 autocast: faster, not exact), `parallel` (a process per
+core, each adapting a slice of the tasks: `metagrad.parallel`). `choose_path` turns `"auto"` (or a
+partial spec such as `"parallel"`) into a full one such as `"loop+parallel"`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +27,10 @@ from metagrad.inner import InnerOptimizer
 Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 Model = Callable[[Params, Tensor], Tensor]
-Path = Literal["auto", "loop", "vmap"]
+# "auto", "loop", "vmap", "parallel" or a base joined with options, e.g. "loop+cl+bf16" (module docstring).
+Path = str
+BASES = ("loop", "vmap")
+OPTIONS = ("cl", "bf16", "parallel")
 
 
 @dataclass(frozen=True)
@@ -187,32 +194,70 @@ def has_native_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+def parse_path(path: str) -> tuple[str, frozenset[str]]:
+    """The base (`auto`, `loop` or `vmap`) and the set of options of a path spec like `"loop+cl+bf16"`."""
+    if not isinstance(path, str):
+        raise TypeError(f"path must be a string such as 'auto', 'loop' or 'loop+bf16', got {type(path).__name__}")
+    tokens = path.split("+")
+    bases = [t for t in tokens if t in ("auto",) + BASES]
+    options = frozenset(t for t in tokens if t in OPTIONS)
+    unknown = [t for t in tokens if t not in ("auto",) + BASES + OPTIONS]
+    if unknown or len(bases) > 1 or len(bases) + len(options) != len(tokens):
+        raise ValueError(f"path must be 'auto', 'loop' or 'vmap', optionally joined with options {OPTIONS} "
+                         f"by '+' (e.g. 'loop+cl+bf16', 'parallel'), each at most once; got {path!r}")
+    return (bases[0] if bases else "auto"), options
+
+
+def _distributed_world() -> int:
+    """World size of an already initialised torch.distributed job (torchrun), else 1."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
 def choose_path(model: nn.Module, order: int, device: torch.device, path: Path = "auto") -> str:
-    """The execution path for the meta-batch: the measured fastest one that is also correct.
+    """The execution path for the meta-batch: the measured fastest one that is also exact.
 
     On CPU a per-task loop wins except for small MLPs (vmap: one batched kernel per layer
-    instead of a Python loop). vmap over native BatchNorm is refused at order 2 (a torch.func
-    bug gives a wrong second-order gradient, ../shared/notes/peers.md).
+    instead of a Python loop); channels-last was slower than the default layout for the conv nets
+    measured (benchmarks/README.md). vmap over native BatchNorm is refused at order 2 (a torch.func
+    bug gives a wrong second-order gradient, ../shared/notes/peers.md). `auto` adds `parallel`
+    only under an initialised torch.distributed job (torchrun: every rank takes its slice) and never
+    adds `bf16`, which changes the numbers: both are the user's choice otherwise.
     """
-    if path not in ("auto", "loop", "vmap"):
-        raise ValueError(f"path must be 'auto', 'loop' or 'vmap', got {path!r}")
+    base, options = parse_path(path)
     vmap_ok = not (order >= 2 and has_native_batchnorm(model))
-    if path == "vmap":
-        if not vmap_ok:
-            raise ValueError(
-                "path='vmap' with order=2 is refused for models with torch BatchNorm: torch.func.vmap "
-                "gives a wrong second-order gradient there (torch 2.13). Use path='loop' or "
-                "metagrad.models.TaskBatchNorm."
-            )
-        return "vmap"
-    if path == "loop":
-        return "loop"
-    if not vmap_ok:
-        return "loop"
-    convs = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
-    if device.type == "cuda":
-        return "vmap"
-    return "loop" if convs else "vmap"
+    if base == "vmap" and not vmap_ok:
+        raise ValueError(
+            "path='vmap' with order=2 is refused for models with torch BatchNorm: torch.func.vmap "
+            "gives a wrong second-order gradient there (torch 2.13). Use path='loop' or "
+            "metagrad.models.TaskBatchNorm."
+        )
+    if base == "auto":
+        convs = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+        base = "vmap" if vmap_ok and (device.type == "cuda" or not convs) else "loop"
+        if path == "auto" and _distributed_world() > 1:
+            options = options | {"parallel"}
+    if "bf16" in options and device.type not in ("cpu", "cuda"):
+        raise ValueError(f"path option 'bf16' needs a CPU or CUDA device, the model is on {device}")
+    return "+".join([base] + [o for o in OPTIONS if o in options])
+
+
+def with_options(f: Model, options: frozenset[str] | set[str]) -> Model:
+    """`f` run in channels-last layout (`cl`) and/or under bfloat16 autocast (`bf16`); output in the input's dtype."""
+    if not options & {"cl", "bf16"}:
+        return f
+
+    def g(params: Params, x: Tensor) -> Tensor:
+        dtype = x.dtype
+        if "cl" in options and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled="bf16" in options):
+            out = f(params, x)
+        # The loss and the inner update stay in the parameters' precision; only the network runs in bf16.
+        return out.to(dtype) if out.is_floating_point() and dtype.is_floating_point else out
+
+    return g
 
 
 def query_losses(
@@ -221,6 +266,18 @@ def query_losses(
 ) -> tuple[Tensor, Tensor | None]:
     """Adapt each task on its support set and return query losses `[tasks]` (or `[tasks, steps+1]`
     with `all_steps`) and, for integer labels, query accuracies of the same shape."""
+    base, options = parse_path(path)
+    if base == "auto":
+        raise ValueError("query_losses needs a resolved path such as 'loop' or 'vmap+bf16'; use choose_path")
+    if "parallel" in options and order >= 1 and torch.is_grad_enabled():
+        from metagrad import parallel
+
+        return parallel.query_losses(f, loss_fn, params, batch, opt, steps, order, base, options - {"parallel"},
+                                     names, all_steps)
+    f = with_options(f, options)
+    if "cl" in options:
+        # Conv weights in the images' layout, so that the convolutions need no conversion per call.
+        params = {n: p.contiguous(memory_format=torch.channels_last) if p.dim() == 4 else p for n, p in params.items()}
     classify = not batch.query_y.is_floating_point()
 
     def one_task(p: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, vmapped: bool):
@@ -235,7 +292,7 @@ def query_losses(
         acc = torch.stack(accs) if classify else torch.zeros(len(chosen), device=qx.device)
         return torch.stack(losses), acc
 
-    if path == "vmap":
+    if base == "vmap":
         losses, accs = vmap(lambda *a: one_task(params, *a, vmapped=True), randomness="different")(
             *batch.tensors()
         )
@@ -249,8 +306,10 @@ def query_losses(
 
 
 def chunks(batch: TaskBatch, path: str, chunk_size: int | None = None) -> Iterable[TaskBatch]:
-    """Slices of the batch to back-propagate one at a time (memory: one task's graph for the loop)."""
-    size = chunk_size or (len(batch) if path == "vmap" else 1)
+    """Slices of the batch to back-propagate one at a time (memory: one task's graph for the loop);
+    vmap and parallel paths take the batch whole (parallel: each process then holds its slice's graphs)."""
+    base, options = parse_path(path)
+    size = chunk_size or (len(batch) if base == "vmap" or "parallel" in options else 1)
     for start in range(0, len(batch), size):
         yield batch[start:start + size]
 

@@ -4,6 +4,11 @@ Each block: 3x3 convolution with `hidden` filters, batch norm with per-task batc
 (MAML's transductive setting: no running statistics), ReLU, then either a stride-2 convolution
 (`pool="stride"`, the paper's Omniglot network, features averaged over space at the end) or
 2x2 max-pooling (`pool="max"`, its MiniImageNet network and learn2learn/higher's examples).
+
+With max-pooling the ReLU is applied after the pool: max and ReLU commute (both are monotone), so
+the function and its gradients of every order are the same, and the ReLU and its backward pass
+touch a quarter of the memory. These elementwise passes over the first block's full-resolution
+activations, not the convolutions, dominate the CPU time of a meta-iteration (benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -46,9 +51,9 @@ class Conv4(nn.Module):
             layers.append(nn.Conv2d(in_channels if i == 0 else hidden, hidden, 3, stride=stride, padding=1))
             layers.append(nn.BatchNorm2d(hidden, track_running_stats=False) if batchnorm == "native"
                           else TaskBatchNorm(hidden))
-            layers.append(nn.ReLU())
             if pool == "max":
                 layers.append(nn.MaxPool2d(2))
+            layers.append(nn.ReLU())
         self.features = nn.Sequential(*layers)
         self.head = nn.Linear(hidden, ways)
 
