@@ -66,5 +66,5 @@ ALGORITHMS: dict[str, type[Algorithm] | object] = _Registry({
     "l2o": L2O,
 })
 
-__all__ = ["ALGORITHMS", "ANIL", "IMAML", "L2O", "MAML", "Algorithm", "MetaSGD", "OptimumAverage", "Pretrain", "Reptile",
-           "fomaml", "maml_plus_plus"]
+__all__ = ["ALGORITHMS", "ANIL", "IMAML", "L2O", "MAML", "Algorithm", "MetaSGD", "OptimumAverage", "Pretrain",
+           "Reptile", "fomaml", "maml_plus_plus"]

@@ -103,7 +103,7 @@ class Algorithm(nn.Module):
             return core.inner_loop(self.f, self.loss_fn, theta, xi, yi, self.inner_opt, steps, order=0,
                                    names=self.adapt_names, vmapped=vmapped)[-1]
 
-        if (path or self.exec_path(1)) == "vmap":
+        if core.parse_path(path or self.exec_path(1))[0] == "vmap":
             return vmap(lambda xi, yi: one(xi, yi, True), randomness="different")(x, y)
         fitted = [one(x[i], y[i], False) for i in range(x.shape[0])]
         return {n: torch.stack([p[n] for p in fitted]) for n in fitted[0]}
@@ -113,7 +113,7 @@ class Algorithm(nn.Module):
         def one(p: Params, xi: Tensor, yi: Tensor) -> Tensor:
             return self.loss_fn(self.f(p, xi), yi)
 
-        if (path or self.exec_path(1)) == "vmap":
+        if core.parse_path(path or self.exec_path(1))[0] == "vmap":
             return vmap(one, randomness="different")(stacked, x, y)
         return torch.stack([one({n: t[i] for n, t in stacked.items()}, x[i], y[i]) for i in range(x.shape[0])])
 

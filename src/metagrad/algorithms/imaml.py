@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.func import grad, vjp, vmap
 
 from metagrad.algorithms.base import Algorithm, check_steps
-from metagrad.core import LossFn, Params, Path, TaskBatch, inner_loop
+from metagrad.core import LossFn, Params, Path, TaskBatch, inner_loop, parse_path
 from metagrad.inner import sgd, with_l2
 
 
@@ -108,7 +108,7 @@ class IMAML(Algorithm):
     def _meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
         theta = self.params()
         detached = {n: p.detach() for n, p in theta.items()}
-        if self.exec_path() == "vmap":
+        if parse_path(self.exec_path())[0] == "vmap":
             losses, v = vmap(lambda *t: self._task(detached, *t, vmapped=True), randomness="different")(
                 *batch.tensors())
         else:

@@ -87,7 +87,7 @@ class L2O(Algorithm):
                 losses.append(self.loss_fn(self.f(p, qx), qy))
             return torch.stack(losses), p, s
 
-        if path == "vmap":
+        if core.parse_path(path)[0] == "vmap":
             return vmap(lambda p, s, *t: one_task(p, s, *t, vmapped=True), randomness="different")(
                 params, state, *batch.tensors())
         outs = [one_task(tree_map(lambda t, i=i: t[i], params), tree_map(lambda t, i=i: t[i], state),
