@@ -57,9 +57,9 @@ def gd_fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lr: float, steps:
 # -- registry and bad input ---------------------------------------------------------------------------------------
 
 def test_registry_builds_every_algorithm_and_names_the_known_ones_on_a_typo():
-    expected = {"maml", "fomaml", "maml++", "reptile", "anil", "metasgd", "imaml", "pretrain", "optimum-average"}
+    expected = {"maml", "fomaml", "maml++", "reptile", "anil", "metasgd", "imaml", "pretrain", "optimum-average", "l2o"}
     assert set(ALGORITHMS) == expected
-    with pytest.raises(KeyError, match="unknown algorithm 'mamll'; known: anil, fomaml, imaml, maml, maml\\+\\+"):
+    with pytest.raises(KeyError, match="unknown algorithm 'mamll'; known: anil, fomaml, imaml, l2o, maml, maml\\+\\+"):
         ALGORITHMS["mamll"]
     assert ALGORITHMS["fomaml"](mlp()).order == 1
     plus = ALGORITHMS["maml++"](mlp(), inner_steps=3)
