@@ -14,7 +14,7 @@ from metagrad.algorithms import MAML
 from metagrad.algorithms.baselines import Pretrain
 from metagrad.evaluation import EvalResult, evaluate, mean_ci95
 from metagrad.experiments import get
-from metagrad.experiments.starts import curve_result, meta_train, seeded, start, table, trajectories
+from metagrad.experiments.starts import curve_result, seeded, start, table, train, trajectories
 from metagrad.models.gnn import GCN, graph_examples, normalised_adjacency
 from metagrad.models.physical import JMAK, PayloadJoint, jmak_fraction, joint_step
 from metagrad.runs import Run
@@ -289,10 +289,10 @@ def test_curve_result_table_and_trajectories_by_hand(gen):
         w, c = w - 0.1 * 2 * (r_.T @ x) / len(x), c - 0.1 * 2 * r_.sum(0) / len(x)
 
 
-def test_pooled_fit_is_the_least_squares_fit_of_all_examples(gen):
+def test_pooled_fit_is_the_least_squares_fit_of_all_examples():
     fam = PersonalisedMedicine(shots=2, query_shots=3)
     alg = Pretrain(seeded(lambda: nn.Linear(4, 1), 0), inner_lr=0.1)
-    meta_train(alg, fam, 300, 200, 0.01, gen)
+    train(alg, fam, 300, 200, 0.01, seed=0)
     big = fam.sample(4000, torch.Generator().manual_seed(9))
     x = torch.cat([big.support_x, big.query_x], 1).reshape(-1, 4)
     y = torch.cat([big.support_y, big.query_y], 1).reshape(-1)
@@ -343,13 +343,13 @@ def test_materials_kinetics_maml_beats_pooled_fit_and_guesses(tmp_path):
     assert (tmp_path / "materials-kinetics" / "examples.png").exists()
 
 
-def test_materials_kinetics_maml_beats_pooled_fit_paired(gen):
+def test_materials_kinetics_maml_beats_pooled_fit_paired():
     """On the same held-out systems, the per-task loss gap (pooled - MAML) after 1 and 3 steps is positive."""
     fam = JMAKKinetics()
     maml = MAML(JMAK(), inner_lr=3.0, inner_steps=3)
-    meta_train(maml, fam, 200, 25, 0.05, gen)
+    train(maml, fam, 200, 25, 0.05, seed=0)
     pooled = Pretrain(JMAK(), inner_lr=3.0)
-    meta_train(pooled, fam, 200, 25, 0.05, gen)
+    train(pooled, fam, 200, 25, 0.05, seed=0)
     test = fam.sample(500, torch.Generator().manual_seed(1))
     gap = pooled.adaptation_curve(test, 3)[0] - maml.adaptation_curve(test, 3)[0]  # [tasks, 4]
     for k in (1, 3):
@@ -380,10 +380,10 @@ def test_graph_experiment_pipeline_small(tmp_path):
 
 
 @pytest.mark.slow
-def test_graph_few_shot_maml_beats_random_init_after_three_steps(gen):
+def test_graph_few_shot_maml_beats_random_init_after_three_steps():
     fam = GraphSBM(shots=1, query_shots=9, class_sd=0.6)
     alg = MAML(seeded(lambda: GCN(8, 32, 3), 0), inner_lr=0.5, inner_steps=3, loss_fn=F.cross_entropy)
-    meta_train(alg, fam, 250, 16, 0.005, gen)
+    train(alg, fam, 250, 16, 0.005, seed=0)
     test = fam.sample(500, torch.Generator().manual_seed(1))
     maml = evaluate(alg, test, steps=3)
     rand = evaluate(start(seeded(lambda: GCN(8, 32, 3), 0), 0.5, F.cross_entropy), test, steps=3)
@@ -391,10 +391,17 @@ def test_graph_few_shot_maml_beats_random_init_after_three_steps(gen):
     assert maml.mean > 0.7 and abs(maml.curve[0] - 1 / 3) < 0.05
 
 
-def test_meta_train_is_deterministic(gen):
-    losses = []
-    for _ in range(2):
+def test_train_is_deterministic_and_logs_under_its_label_without_a_checkpoint(tmp_path):
+    results, params = [], []
+    for i in range(2):
         alg = MAML(seeded(lambda: nn.Linear(4, 1), 0), inner_lr=0.05)
-        losses.append(meta_train(alg, PersonalisedMedicine(), 5, 4, 0.01, torch.Generator().manual_seed(0)))
-    assert losses[0] == losses[1]
+        run = Run(tmp_path / str(i))
+        results.append(train(alg, PersonalisedMedicine(), 5, 4, 0.01, seed=0, run=run, label="a/maml"))
+        params.append(core.named_params(alg.model))
+    assert results[0].metrics == results[1].metrics and results[0].iteration == 5
+    assert all(torch.equal(params[0][n], params[1][n]) for n in params[0])
     assert core.named_params(alg.model)["weight"].shape == (1, 4)
+    lines = Run(tmp_path / "0", resume=True).metrics()
+    assert [line["step"] for line in lines] == [5]
+    assert lines[0]["a/maml/meta_loss"] == results[0].metrics["meta_loss"]
+    assert not (tmp_path / "0" / "checkpoint.pt").exists()

@@ -25,7 +25,7 @@ from metagrad.algorithms import MAML
 from metagrad.core import Params, TaskBatch
 from metagrad.evaluation import mean_ci95
 from metagrad.experiments import experiment
-from metagrad.experiments._starts import plot_curves, train
+from metagrad.experiments.starts import plot_curves, train
 from metagrad.models import MLP
 from metagrad.runs import Run
 from metagrad.tasks.continual import ClassIncremental
@@ -145,9 +145,8 @@ def run(cfg: Config, run: Run) -> dict:
         seen_curves[name] = ([m for m, _ in old], [c for _, c in old])
         final = [mean_ci95(R[:, T, j]) for j in range(cfg.ways)]
         final_curves[name] = ([m for m, _ in final], [c for _, c in final])
-    fig = plot_curves(seen_curves, "classes learned so far", "query accuracy on the earlier classes",
-                      f"{cfg.ways} new classes, {cfg.shots} shots each", x=list(range(2, cfg.ways + 1)))
-    run.save_figure(fig, "old_class_accuracy")
-    run.save_figure(plot_curves(final_curves, "arrival position of the class", "final query accuracy",
-                                "after the whole sequence", x=list(range(1, cfg.ways + 1))), "final_accuracy_by_class")
+    plot_curves(seen_curves, run, "old_class_accuracy", f"{cfg.ways} new classes, {cfg.shots} shots each",
+                "query accuracy on the earlier classes", "classes learned so far", x=list(range(2, cfg.ways + 1)))
+    plot_curves(final_curves, run, "final_accuracy_by_class", "after the whole sequence", "final query accuracy",
+                "arrival position of the class", x=list(range(1, cfg.ways + 1)))
     return {"config": asdict(cfg), "table": rows, "summary": summary, "accuracy_matrices": matrices}

@@ -21,7 +21,7 @@ from metagrad import core, metrics
 from metagrad.algorithms import MAML
 from metagrad.evaluation import mean_ci95
 from metagrad.experiments import experiment
-from metagrad.experiments._starts import plot_curves, train
+from metagrad.experiments.starts import plot_curves, train
 from metagrad.models import MLP
 from metagrad.runs import Run
 from metagrad.tasks.fairness import Fairness
@@ -111,6 +111,6 @@ def run(cfg: Config, run: Run) -> dict:
     title = f"new group: {cfg.shots} records (+ {cfg.shots} reference)"
     for m, label in (("eo_gap", "equalised-odds gap"), ("accuracy", "accuracy")):
         curves_m = {n: ([a for a, _ in s[m]], [c for _, c in s[m]]) for n, s in stats.items()}
-        run.save_figure(plot_curves(curves_m, "de-biasing steps", f"query {label}", title), m)
+        plot_curves(curves_m, run, m, title, f"query {label}", "de-biasing steps")
     return {"config": asdict(cfg), "table": rows, "paired_vs_maml": paired,
             "curves": {n: {m: [list(p) for p in v] for m, v in s.items()} for n, s in stats.items()}}

@@ -21,10 +21,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from metagrad.algorithms import MAML
-from metagrad.algorithms.baselines import Pretrain
 from metagrad.experiments import experiment
-from metagrad.experiments.starts import compare, meta_train, plot_curves, seeded, start, table
+from metagrad.experiments.starts import compare, maml_and_pooled, plot_curves, seeded, start, table
 from metagrad.models.gnn import GCN
 from metagrad.runs import Run
 from metagrad.tasks.graph_sbm import GraphSBM
@@ -58,20 +56,13 @@ def graph_few_shot(cfg: Config, run: Run) -> dict:
     for shots in cfg.shots:
         family = GraphSBM(ways=cfg.ways, shots=shots, query_shots=cfg.nodes_per_class - shots,
                           nodes_per_class=cfg.nodes_per_class, features=cfg.features, class_sd=cfg.class_sd)
-        gen = torch.Generator().manual_seed(cfg.seed)
         test = family.sample(cfg.test_tasks, torch.Generator().manual_seed(cfg.seed + 1))
 
         def gcn() -> GCN:
             return seeded(lambda: GCN(cfg.features, cfg.hidden, cfg.ways), cfg.seed)
 
-        starts = {}
-        for order in (2, 1):
-            alg = MAML(gcn(), inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps, order=order, loss_fn=F.cross_entropy)
-            meta_train(alg, family, cfg.iterations, cfg.meta_batch, cfg.outer_lr, gen, run, f"shots{shots}/maml{order}")
-            starts[f"MAML (order {order})"] = alg
-        pooled = Pretrain(gcn(), inner_lr=cfg.inner_lr, loss_fn=F.cross_entropy)
-        meta_train(pooled, family, cfg.iterations, cfg.meta_batch, cfg.outer_lr, gen, run, f"shots{shots}/pooled")
-        starts["pre-trained (pooled)"] = pooled
+        starts, _ = maml_and_pooled(gcn, family, cfg, run, f"shots{shots}/", F.cross_entropy)
+        starts["pre-trained (pooled)"] = starts.pop("pooled fit")
         starts["random init"] = start(gcn(), cfg.inner_lr, F.cross_entropy)
 
         results = compare(starts, test, cfg.eval_steps)

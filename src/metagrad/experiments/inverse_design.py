@@ -26,7 +26,7 @@ from metagrad import core
 from metagrad.algorithms import MAML
 from metagrad.evaluation import mean_ci95
 from metagrad.experiments import experiment
-from metagrad.experiments._starts import compare, plot_curves, train
+from metagrad.experiments.starts import compare, maml_and_pooled, plot_curves
 from metagrad.models.generator import CouplingFlow
 from metagrad.runs import Run
 from metagrad.tasks.inverse_design import N_RANGE, InverseDesign, from_scaled, hits
@@ -119,13 +119,7 @@ def run(cfg: Config, run: Run) -> dict:
     tasks = InverseDesign(shots=cfg.shots, query_shots=cfg.query_shots)
     test = tasks.sample(cfg.eval_tasks, torch.Generator().manual_seed(cfg.seed + 10_000))
     init = CouplingFlow(2, cfg.hidden, cfg.layers)
-    starts, seconds = {}, {}
-    for name, order, steps in (("MAML (order 2)", 2, cfg.inner_steps), ("MAML (order 1)", 1, cfg.inner_steps),
-                               ("pooled fit", 2, 0)):
-        alg = MAML(copy.deepcopy(init), cfg.inner_lr, steps, order=order, loss_fn=nll)
-        seconds[name] = train(alg, tasks, cfg.iterations, cfg.meta_batch, cfg.outer_lr,
-                              cfg.seed + 1, run, name)
-        starts[name] = alg
+    starts, seconds = maml_and_pooled(lambda: copy.deepcopy(init), tasks, cfg, run, loss_fn=nll)
     starts["untrained flow (N(0, I))"] = MAML(copy.deepcopy(init), cfg.inner_lr, cfg.inner_steps, loss_fn=nll)
     nll_results = compare(starts, test, cfg.eval_steps)
     hit = {n: hit_curve(a, test, cfg.eval_steps, cfg.candidates, cfg.hit_tolerance, cfg.seed + 20_000)
@@ -141,9 +135,8 @@ def run(cfg: Config, run: Run) -> dict:
                      "train_s": round(seconds.get(name, 0.0), 1)})
     cost = cost_of_order(starts["MAML (order 2)"].model, cfg, tasks.sample(cfg.meta_batch,
                                                                             torch.Generator().manual_seed(cfg.seed)))
-    run.save_figure(plot_curves({n: ([m for m, _ in h], [c for _, c in h]) for n, h in hit_stats.items()},
-                                "inner steps", "hit rate of generated designs",
-                                f"new target wavelength, {cfg.shots} known designs"), "hit_rate")
+    plot_curves({n: ([m for m, _ in h], [c for _, c in h]) for n, h in hit_stats.items()}, run, "hit_rate",
+                f"new target wavelength, {cfg.shots} known designs", "hit rate of generated designs")
     run.save_figure(_samples_plot(starts, test, cfg), "candidates")
     return {"config": asdict(cfg), "table": rows, "cost_of_order": cost,
             "hit_curves": {n: [list(p) for p in h] for n, h in hit_stats.items()},

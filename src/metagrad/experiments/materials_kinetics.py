@@ -23,15 +23,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from metagrad.algorithms import MAML
 from metagrad.algorithms.base import Algorithm
-from metagrad.algorithms.baselines import Pretrain
 from metagrad.core import TaskBatch
 from metagrad.experiments import experiment
 from metagrad.experiments.starts import (
     compare,
     curve_result,
-    meta_train,
+    maml_and_pooled,
     plot_curves,
     start,
     table,
@@ -89,17 +87,9 @@ def plot_examples(starts: dict[str, Algorithm], test: TaskBatch, k: Tensor, n: T
 def materials_kinetics(cfg: Config, run: Run) -> dict:
     """Compare the starts of the two-parameter JMAK law on held-out material systems."""
     family = JMAKKinetics(shots=cfg.shots, query_shots=cfg.query_shots)
-    gen = torch.Generator().manual_seed(cfg.seed)
     test, (k, n) = family.sample_with_params(cfg.test_tasks, torch.Generator().manual_seed(cfg.seed + 1))
 
-    starts = {}
-    for order in (2, 1):
-        alg = MAML(JMAK(), inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps, order=order)
-        meta_train(alg, family, cfg.iterations, cfg.meta_batch, cfg.outer_lr, gen, run, f"maml{order}")
-        starts[f"MAML (order {order})"] = alg
-    pooled = Pretrain(JMAK(), inner_lr=cfg.inner_lr)
-    meta_train(pooled, family, cfg.iterations, cfg.meta_batch, cfg.outer_lr, gen, run, "pooled")
-    starts["pooled fit"] = pooled
+    starts, _ = maml_and_pooled(JMAK, family, cfg, run)
     starts["guess k=1/h, n=1"] = start(JMAK(1.0, 1.0), cfg.inner_lr)
     mid_k = math.sqrt(family.rate[0] * family.rate[1])
     mid_n = sum(family.exponent) / 2

@@ -15,7 +15,7 @@ import torch
 
 from metagrad.algorithms import MAML
 from metagrad.experiments import experiment
-from metagrad.experiments._starts import compare, loss_rows, plot_curves, train
+from metagrad.experiments.starts import compare, maml_and_pooled, plot_curves, table
 from metagrad.models import MLP
 from metagrad.runs import Run
 from metagrad.tasks.materials_property import MaterialsProperty, band_gap
@@ -46,22 +46,15 @@ def run(cfg: Config, run: Run) -> dict:
     tasks = MaterialsProperty(shots=cfg.shots, query_shots=cfg.query_shots)
     test = tasks.sample(cfg.eval_tasks, torch.Generator().manual_seed(cfg.seed + 10_000))
     init = MLP((3, cfg.hidden, cfg.hidden, 1))
-    starts, seconds = {}, {}
-    for name, order, steps in (("MAML (order 2)", 2, cfg.inner_steps), ("MAML (order 1)", 1, cfg.inner_steps),
-                               ("pooled fit", 2, 0)):
-        alg = MAML(copy.deepcopy(init), cfg.inner_lr, steps, order=order)
-        seconds[name] = train(alg, tasks, cfg.iterations, cfg.meta_batch, cfg.outer_lr,
-                              cfg.seed + 1, run, name)
-        starts[name] = alg
+    starts, seconds = maml_and_pooled(lambda: copy.deepcopy(init), tasks, cfg, run)
     starts["random init"] = MAML(copy.deepcopy(init), cfg.inner_lr, cfg.inner_steps)
     results = compare(starts, test, cfg.eval_steps)
     shown = sorted({0, 1, cfg.inner_steps, cfg.eval_steps})
-    rows = loss_rows(results, shown)
+    rows = table(results, shown)
     for row in rows:
         row["train_s"] = round(seconds.get(row["start"], 0.0), 1)
-    run.save_figure(plot_curves({n: (r.curve, r.curve_ci95) for n, r in results.items()}, "inner steps",
-                                "query MSE (eV$^2$)", f"new alloy family, {cfg.shots} measurements", log_y=True),
-                    "curves")
+    plot_curves(results, run, "curves", f"new alloy family, {cfg.shots} measurements", "query MSE (eV$^2$)",
+                log=True)
     # The test batch's first draw from its generator is the families' laws: the truth to plot.
     law = tasks.sample_laws(cfg.eval_tasks, torch.Generator().manual_seed(cfg.seed + 10_000))
     run.save_figure(_fitted_example(starts, test, {k: v[:1] for k, v in law.items()}, cfg), "fitted_family")

@@ -22,10 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from metagrad.algorithms import MAML
-from metagrad.algorithms.baselines import Pretrain
 from metagrad.experiments import experiment
-from metagrad.experiments.starts import compare, meta_train, plot_curves, seeded, start, table
+from metagrad.experiments.starts import compare, maml_and_pooled, plot_curves, seeded, start, table
 from metagrad.runs import Run
 from metagrad.tasks.personalised_medicine import PersonalisedMedicine
 
@@ -60,20 +58,12 @@ def personalised_medicine(cfg: Config, run: Run) -> dict:
     rows, curves, distances = [], {}, {}
     for shots in cfg.shots:
         family = PersonalisedMedicine(shots=shots, query_shots=cfg.query_shots)
-        gen = torch.Generator().manual_seed(cfg.seed)
         test = family.sample(cfg.test_tasks, torch.Generator().manual_seed(cfg.seed + 1))
 
         def linear() -> nn.Linear:
             return seeded(lambda: nn.Linear(family.covariates, 1), cfg.seed)  # noqa: B023 (called in the loop)
 
-        starts = {}
-        for order in (2, 1):
-            alg = MAML(linear(), inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps, order=order)
-            meta_train(alg, family, cfg.iterations, cfg.meta_batch, cfg.outer_lr, gen, run, f"shots{shots}/maml{order}")
-            starts[f"MAML (order {order})"] = alg
-        pooled = Pretrain(linear(), inner_lr=cfg.inner_lr)
-        meta_train(pooled, family, cfg.iterations, cfg.meta_batch, cfg.outer_lr, gen, run, f"shots{shots}/pooled")
-        starts["pooled fit"] = pooled
+        starts, _ = maml_and_pooled(linear, family, cfg, run, f"shots{shots}/")
         zero = linear()
         nn.init.zeros_(zero.weight)
         nn.init.zeros_(zero.bias)

@@ -27,10 +27,9 @@ from torch import nn
 
 from metagrad.algorithms import MAML
 from metagrad.algorithms.base import Algorithm
-from metagrad.algorithms.baselines import Pretrain
 from metagrad.core import named_params
 from metagrad.experiments import experiment
-from metagrad.experiments.starts import compare, meta_train, plot_curves, seeded, start, table
+from metagrad.experiments.starts import compare, maml_and_pooled, plot_curves, seeded, start, table, train
 from metagrad.inner import per_parameter_lr
 from metagrad.runs import Run
 from metagrad.tasks.suffix_rules import SuffixRules
@@ -60,7 +59,6 @@ def suffix_rules(cfg: Config, run: Run) -> dict:
     rows, curves, rates = [], {}, {}
     for shots in cfg.shots:
         family = SuffixRules(shots=shots, query_shots=cfg.query_shots, dim=cfg.dim)
-        gen = torch.Generator().manual_seed(cfg.seed)
         test = family.sample(cfg.test_tasks, torch.Generator().manual_seed(cfg.seed + 1))
 
         def affine(kind: str = "random") -> nn.Linear:
@@ -70,19 +68,13 @@ def suffix_rules(cfg: Config, run: Run) -> dict:
                 (nn.init.eye_ if kind == "identity" else nn.init.zeros_)(m.weight)
             return m
 
-        starts: dict[str, Algorithm] = {}
-        for order in (2, 1):
-            alg = MAML(affine(), inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps, order=order)
-            meta_train(alg, family, cfg.iterations, cfg.meta_batch, cfg.outer_lr, gen, run, f"shots{shots}/maml{order}")
-            starts[f"MAML (order {order})"] = alg
+        starts, _ = maml_and_pooled(affine, family, cfg, run, f"shots{shots}/")
         model = affine()
         metasgd = MAML(model, inner_steps=cfg.inner_steps,
                        inner_opt=per_parameter_lr(named_params(model), cfg.inner_lr))
-        meta_train(metasgd, family, cfg.iterations, cfg.meta_batch, cfg.outer_lr, gen, run, f"shots{shots}/metasgd")
+        train(metasgd, family, cfg.iterations, cfg.meta_batch, cfg.outer_lr, cfg.seed, run, f"shots{shots}/metasgd")
         starts["Meta-SGD (order 2)"] = metasgd
-        pooled = Pretrain(affine(), inner_lr=cfg.inner_lr)
-        meta_train(pooled, family, cfg.iterations, cfg.meta_batch, cfg.outer_lr, gen, run, f"shots{shots}/pooled")
-        starts["pooled fit"] = pooled
+        starts["pooled fit"] = starts.pop("pooled fit")  # rows in the order MAML, Meta-SGD, pooled
         starts["identity"] = start(affine("identity"), cfg.inner_lr)
         starts["zero"] = start(affine("zero"), cfg.inner_lr)
         starts["vector offset"] = Algorithm(affine("identity"), inner_lr=cfg.dim / 2, inner_steps=0,

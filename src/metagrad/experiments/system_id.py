@@ -20,13 +20,11 @@ from dataclasses import dataclass
 
 import torch
 
-from metagrad.algorithms import MAML
-from metagrad.algorithms.baselines import Pretrain
 from metagrad.experiments import experiment
 from metagrad.experiments.starts import (
     compare,
     curve_result,
-    meta_train,
+    maml_and_pooled,
     plot_curves,
     start,
     table,
@@ -59,18 +57,9 @@ class Config:
 def system_id(cfg: Config, run: Run) -> dict:
     """Compare the starts of the one-parameter physical model on held-out payloads."""
     family = SystemID(shots=cfg.shots, query_shots=cfg.query_shots)
-    gen = torch.Generator().manual_seed(cfg.seed)
     test, mass = family.sample_with_params(cfg.test_tasks, torch.Generator().manual_seed(cfg.seed + 1))
 
-    starts = {}
-    for order in (2, 1):
-        alg = MAML(PayloadJoint(**family.model_kwargs()), inner_lr=cfg.inner_lr, inner_steps=cfg.inner_steps,
-                   order=order)
-        meta_train(alg, family, cfg.iterations, cfg.meta_batch, cfg.outer_lr, gen, run, f"maml{order}")
-        starts[f"MAML (order {order})"] = alg
-    pooled = Pretrain(PayloadJoint(**family.model_kwargs()), inner_lr=cfg.inner_lr)
-    meta_train(pooled, family, cfg.iterations, cfg.meta_batch, cfg.outer_lr, gen, run, "pooled")
-    starts["pooled fit"] = pooled
+    starts, _ = maml_and_pooled(lambda: PayloadJoint(**family.model_kwargs()), family, cfg, run)
     for m0 in cfg.guesses:
         starts[f"guess {m0:g} kg"] = start(PayloadJoint(mass=m0, **family.model_kwargs()), cfg.inner_lr)
 

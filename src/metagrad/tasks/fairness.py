@@ -27,6 +27,7 @@ from torch import Tensor
 
 from metagrad.core import TaskBatch
 from metagrad.tasks.base import check_positive, family
+from metagrad.tasks.records import record_columns
 
 REFERENCE = {"mu": 91.0, "delta": 0.0, "sigma": 1.5}
 
@@ -86,19 +87,10 @@ class Fairness:
     def from_records(a: Tensor, spo2: Tensor, rr: Tensor, y: Tensor, shots: int) -> TaskBatch:
         """User records `[tasks, n]` (group a in {0, 1}, SpO2 %, respiratory rate per minute, label y in {0, 1}):
         the first `shots` records of each task are the support, the rest the query."""
-        arrays = {"a": torch.as_tensor(a), "spo2": torch.as_tensor(spo2), "rr": torch.as_tensor(rr),
-                  "y": torch.as_tensor(y)}
-        shape = arrays["a"].shape
-        for name, t in arrays.items():
-            if t.dim() != 2 or t.shape != shape:
-                raise ValueError(f"{name} must have shape [tasks, n] like a {tuple(shape)}, got {tuple(t.shape)}")
-            if not torch.isfinite(t.double()).all():
-                raise ValueError(f"{name} must hold finite values")
+        arrays = record_columns(shots, a=a, spo2=spo2, rr=rr, y=y)
         for name in ("a", "y"):
             if not ((arrays[name] == 0) | (arrays[name] == 1)).all():
                 raise ValueError(f"{name} must hold only 0/1 values")
-        if not isinstance(shots, int) or not 1 <= shots < shape[1]:
-            raise ValueError(f"shots must be an integer in [1, n) = [1, {shape[1]}), got {shots!r}")
         x = features(*(arrays[k].float() for k in ("a", "spo2", "rr")))
         lab = torch.stack([arrays["y"].float(), arrays["a"].float()], -1)
         return TaskBatch(x[:, :shots], lab[:, :shots], x[:, shots:], lab[:, shots:])

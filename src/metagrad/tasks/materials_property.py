@@ -28,6 +28,7 @@ from torch import Tensor
 
 from metagrad.core import TaskBatch
 from metagrad.tasks.base import check_positive, family
+from metagrad.tasks.records import record_columns
 
 T_SCALE = 600.0  # K
 P_SCALE = 10.0  # GPa
@@ -96,17 +97,7 @@ class MaterialsProperty:
     def from_records(x: Tensor, T: Tensor, P: Tensor, gap: Tensor, shots: int) -> TaskBatch:
         """Measured records of several families, each `[tasks, n]` in raw units (x in [0, 1], T in K, P in
         GPa, band gap in eV): the first `shots` of every family are the support, the rest the query."""
-        arrays = {"x": torch.as_tensor(x), "T": torch.as_tensor(T), "P": torch.as_tensor(P),
-                  "gap": torch.as_tensor(gap)}
-        shape = arrays["x"].shape
-        for name, a in arrays.items():
-            if a.dim() != 2 or a.shape != shape:
-                raise ValueError(f"{name} must have shape [tasks, n] like x {tuple(shape)}, got {tuple(a.shape)}")
-            if not a.is_floating_point() or not torch.isfinite(a).all():
-                raise ValueError(f"{name} must hold finite floating-point values")
-        if not isinstance(shots, int) or not 1 <= shots < shape[1]:
-            raise ValueError(f"shots must be an integer in [1, n) = [1, {shape[1]}) so that some records are "
-                             f"left for the query, got {shots!r}")
+        arrays = record_columns(shots, x=x, T=T, P=P, gap=gap)
         if ((arrays["x"] < 0) | (arrays["x"] > 1)).any():
             raise ValueError("x (alloy composition) must lie in [0, 1]")
         if (arrays["T"] < 0).any():

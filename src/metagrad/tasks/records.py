@@ -33,6 +33,25 @@ def as_tensor(name: str, value: object, dtype: torch.dtype) -> Tensor:
     return t.to(dtype)
 
 
+def record_columns(shots: int, **columns: object) -> dict[str, Tensor]:
+    """Per-record columns as tensors, each `[tasks, n]` like the first, finite, with `shots` in [1, n - 1]."""
+    out: dict[str, Tensor] = {}
+    for name, value in columns.items():
+        t = value if isinstance(value, Tensor) else as_tensor(name, value, torch.get_default_dtype())
+        first, like = next(iter(out.items()), (name, t))
+        if t.dim() != 2 or t.shape != like.shape:
+            raise ValueError(f"{name} must have shape [tasks, n] like {first} {tuple(like.shape)}, "
+                             f"got {tuple(t.shape)}")
+        if t.dtype == torch.bool or t.is_complex() or not torch.isfinite(t.double()).all():
+            raise ValueError(f"{name} must hold finite real numbers")
+        out[name] = t
+    n = like.shape[1]
+    if not isinstance(shots, int) or isinstance(shots, bool) or not 1 <= shots < n:
+        raise ValueError(f"shots must be an integer in [1, n - 1] = [1, {n - 1}] so that every task keeps a query "
+                         f"record, got {shots!r}")
+    return out
+
+
 def split_records(
     x: object, y: object, shots: int, example_shape: Sequence[int], target_shape: Sequence[int] = (1,),
     x_dtype: torch.dtype = torch.float32, y_dtype: torch.dtype = torch.float32, names: tuple[str, str] = ("x", "y"),
