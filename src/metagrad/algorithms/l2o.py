@@ -69,6 +69,10 @@ class L2O(Algorithm):
         self.unroll = int(unroll)
         self.learn_init = bool(learn_init)
 
+    def parameters(self, recurse: bool = True):
+        """What the outer optimizer trains: the learned optimizer's weights, and the start if `learn_init`."""
+        return super().parameters(recurse) if self.learn_init else self.inner_meta_params.parameters(recurse)
+
     def start(self) -> Params:
         """The starting point of every task: the model's parameters, a constant unless `learn_init`."""
         return self.params() if self.learn_init else {n: p.detach() for n, p in self.params().items()}
