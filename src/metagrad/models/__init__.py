@@ -1,6 +1,9 @@
-"""Models used by the benchmarks: plain `nn.Module`s, adapted functionally by the core."""
+"""Models used by the benchmarks and experiments: plain `nn.Module`s, adapted functionally by the core."""
 
 from metagrad.models.conv4 import Conv4, TaskBatchNorm
+from metagrad.models.generator import CouplingFlow
+from metagrad.models.gnn import GCN
 from metagrad.models.mlp import MLP
+from metagrad.models.physical import JMAK, PayloadJoint
 
-__all__ = ["Conv4", "MLP", "TaskBatchNorm"]
+__all__ = ["GCN", "JMAK", "MLP", "Conv4", "CouplingFlow", "PayloadJoint", "TaskBatchNorm"]
