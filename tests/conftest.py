@@ -13,3 +13,12 @@ OMNIGLOT = Path(os.environ.get("METAGRAD_DATA", Path(__file__).resolve().parents
 @pytest.fixture
 def gen() -> torch.Generator:
     return torch.Generator().manual_seed(0)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: tiny models gain nothing from a second one, and lose 10-20x on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

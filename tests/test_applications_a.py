@@ -29,13 +29,7 @@ from metagrad.tasks.system_id import SystemID
 FAMILIES = [PersonalisedMedicine(), SystemID(), JMAKKinetics(), SuffixRules(), GraphSBM()]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: intra-op threads only add synchronisation (10x slower on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_experiment(name: str, tmp_path, **overrides) -> dict:

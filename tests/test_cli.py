@@ -20,13 +20,8 @@ TINY_SINUSOID = ["--set", "iterations=10", "--set", "eval_tasks=20", "--set", "e
 
 
 @pytest.fixture(autouse=True)
-def in_tmp(tmp_path, monkeypatch):
+def in_tmp(tmp_path, monkeypatch, one_thread):
     monkeypatch.chdir(tmp_path)
-    # The small MLPs here gain nothing from a second thread, and lose 10-20x on a loaded machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def one_line_error(capsys, argv, *fragments):

@@ -1,19 +1,11 @@
 """The sinusoid experiment: its table puts the computed numbers beside the published ones, and the claim holds."""
 
 import pytest
-import torch
 
 from metagrad.experiments import get
 from metagrad.runs import Run
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The 1-40-40-1 MLP gains nothing from a second thread, and loses 10-20x on a loaded machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(tmp_path, **overrides):

@@ -17,13 +17,7 @@ KW = dict(meta_batch=4, outer_lr=1e-2, seed=3, log_every=5, val_every=10, val_n_
           spec=SPEC, progress=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The small MLP gains nothing from a second thread, and loses 10-20x on a loaded machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Hook:
