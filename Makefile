@@ -1,5 +1,5 @@
 # Two commands set up everything on a fresh machine (Python >= 3.10 and make):
-#   make demo   creates .venv, installs torch==2.13.0 and metagrad, runs the default experiment (~1 min)
+#   make demo   creates .venv, installs torch==2.13.0 and metagrad, runs the default experiment (~20 s)
 #   make test   same venv; ruff and the whole test suite, slow tests included
 # GPU users: install their CUDA build of torch 2.13.0 into the venv first (see README), or pass
 # TORCH_INDEX=https://download.pytorch.org/whl/cu128 ; TORCH_INDEX=https://download.pytorch.org/whl/cpu

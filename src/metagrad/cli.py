@@ -1,6 +1,6 @@
 """The `metagrad` command: run named experiments, train, evaluate, list, report, download data.
 
-    metagrad run [NAME] [--set key=value ...]     a named experiment (default: sinusoid, ~1 minute)
+    metagrad run [NAME] [--set key=value ...]     a named experiment (default: sinusoid, ~20 s)
     metagrad train --algorithm maml --tasks sinusoid --inner-lr 0.01 --iterations 1000 ...
     metagrad eval runs/NAME/checkpoint.pt         re-evaluate a checkpoint on held-out tasks
     metagrad list                                 experiments, algorithms, task families

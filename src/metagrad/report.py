@@ -41,8 +41,11 @@ def section(run_dir: Path, img_dir: Path, img_prefix: str) -> str:
     results = _read_json(run_dir / "results.json", "results.json")
     config = _read_json(run_dir / "config.json", "config.json")
     out = [f"## {results.get('experiment', run_dir.name)} (`{run_dir}`)", ""]
-    if results.get("summary"):
-        out += [results["summary"], ""]
+    summary = results.get("summary")
+    if isinstance(summary, dict):  # an experiment's own summary numbers, not the registry's one-liner
+        out += [markdown_table([summary]), ""]
+    elif summary:
+        out += [str(summary), ""]
     facts = []
     if results.get("command"):
         facts.append(f"Command `{results['command']}`")

@@ -186,7 +186,7 @@ def run_sinusoid(cfg: SinusoidConfig, run: Run) -> dict:
     return out
 
 
-experiment("sinusoid", "MAML vs pre-trained baseline on sinusoids (short: 4,000 iterations, ~1 min on 2 cores)",
+experiment("sinusoid", "MAML vs pre-trained baseline on sinusoids (short: 4,000 iterations, ~20 s on 2 cores)",
            SinusoidConfig)(run_sinusoid)
 experiment("sinusoid-paper", "sinusoid at the paper's 70,000 iterations, K=5 (config key shots), with Meta-SGD",
            SinusoidPaperConfig)(run_sinusoid)
