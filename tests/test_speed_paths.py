@@ -53,8 +53,41 @@ def test_path_specs_parse_and_bad_ones_are_refused():
     for bad in ("fast", "loop+vmap", "loop+bf16+bf16", "loop+", "LOOP"):
         with pytest.raises(ValueError, match="path"):
             core.parse_path(bad)
+    assert core.choose_path(cnn, 2, cpu, "vmap+bf16") == "vmap+bf16"  # batch-statistics BN: written out
+    tracked = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
     with pytest.raises(ValueError, match="BatchNorm"):
-        core.choose_path(cnn, 2, cpu, "vmap+bf16")
+        core.choose_path(tracked, 2, cpu, "vmap+bf16")
+
+
+@pytest.mark.parametrize("faster", ["loop", "vmap"])
+def test_auto_times_loop_and_vmap_on_a_cpu_conv_net_and_keeps_the_faster(faster, gen):
+    """`auto` on a CPU conv net runs loop and vmap in turn (a warm-up and TIMED_RUNS timed runs each), then
+    keeps the one with the lower median time for that workload; every run's meta-gradient is the loop's."""
+    from metagrad.algorithms.base import TIMED_RUNS
+    from metagrad.train import identity, load_checkpoint
+
+    cpu = torch.device("cpu")
+    assert core.path_candidates(small_cnn(), 2, cpu) == ["loop", "vmap"]
+    assert core.path_candidates(small_cnn(), 2, cpu, "loop") == ["loop"]
+    assert core.path_candidates(MLP((1, 4, 1)), 2, cpu) == ["vmap"]
+    batch = image_batch(gen)
+    ref = flat_grad(MAML(small_cnn(), inner_lr=0.1, inner_steps=2, loss_fn=CE, path="loop"), batch)
+    alg = MAML(small_cnn(), inner_lr=0.1, inner_steps=2, loss_fn=CE)
+    ran, time_path = [], alg._time_path
+    # A fixed clock instead of the real one, so the choice is known: `faster` takes 1 s, the other 2 s.
+    alg._time_path = lambda b, p, s: (ran.append(p), time_path(b, p, 1.0 if p == faster else 2.0))
+    runs = 2 * (TIMED_RUNS + 1)
+    for _ in range(runs + 2):
+        assert rel_err(flat_grad(alg, batch), ref) < 1e-10
+    assert ran == ["loop", "vmap"] * (TIMED_RUNS + 1) + [faster] * 2
+    assert list(alg.tuned_paths.values()) == [faster]
+    # Another workload (more tasks) is timed afresh; a checkpoint carries the choices.
+    flat_grad(alg, image_batch(gen, tasks=2))
+    assert ran[-1] == "loop" and len(alg.tuned_paths) == 1
+    fresh = MAML(small_cnn(), inner_lr=0.1, inner_steps=2, loss_fn=CE)
+    load_checkpoint(fresh, {"identity": identity(alg), "algorithm": alg.state_dict(), "paths": alg.path_state()})
+    assert fresh.tuned_paths == alg.tuned_paths and fresh._path_for(batch) == faster
+    assert fresh._path_for(image_batch(gen, tasks=2)) == "vmap"  # the timing under way goes on where it was
 
 
 @pytest.mark.parametrize("pool", ["max", "stride"])

@@ -14,6 +14,7 @@ partial spec such as `"parallel"`) into a full one such as `"loop+parallel"`.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
@@ -113,7 +114,63 @@ def functional(model: nn.Module) -> Model:
     def f(params: Params, x: Tensor) -> Tensor:
         return functional_call(model, (params, dict(model.named_buffers())), (x,), strict=False)
 
+    f.module = model  # type: ignore[attr-defined]  # for_vmap rebuilds f from it
     return f
+
+
+class WrittenOutBatchNorm(nn.Module):
+    """A torch BatchNorm on batch statistics, written out with the same parameters: exact under vmap."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
+        super().__init__()
+        self.eps = bn.eps
+        # The same Parameter objects, under the same names: functional_call substitutes them alike.
+        self.weight, self.bias = bn.weight, bn.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        dims = [0] + list(range(2, x.dim()))
+        mean = x.mean(dims, keepdim=True)
+        var = x.var(dims, unbiased=False, keepdim=True)
+        out = (x - mean) * torch.rsqrt(var + self.eps)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        if self.weight is not None:
+            out = out * self.weight.view(shape)
+        if self.bias is not None:
+            out = out + self.bias.view(shape)
+        return out
+
+
+def _batch_statistics_bn(m: nn.Module) -> bool:
+    return isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
+
+
+def _written_out(module: nn.Module) -> nn.Module:
+    """The module with every batch-statistics BatchNorm written out; shares all parameters and buffers."""
+    if _batch_statistics_bn(module):
+        return WrittenOutBatchNorm(module)
+    children = {n: _written_out(c) for n, c in module._modules.items() if c is not None}
+    if all(c is module._modules[n] for n, c in children.items()):
+        return module
+    twin = copy.copy(module)  # shallow: the same parameter and buffer dicts, a new dict of children
+    twin._modules = {**module._modules, **children}
+    return twin
+
+
+def for_vmap(f: Model) -> Model:
+    """`f` to call under `vmap`: torch BatchNorm on batch statistics written out, because vmap of
+    the native op gives a wrong second-order gradient in torch 2.13 (../shared/notes/peers.md); the
+    native op stays in the loop, where it is faster. `f` itself when nothing needs writing out."""
+    model = getattr(f, "module", None)
+    if model is None:
+        return f
+    twin = _written_out(model)
+    if twin is model:
+        return f
+
+    def g(params: Params, x: Tensor) -> Tensor:
+        return functional_call(twin, (params, dict(model.named_buffers())), (x,), strict=False)
+
+    return g
 
 
 def named_params(model: nn.Module) -> Params:
@@ -190,8 +247,10 @@ def inner_loop(
 
 
 def has_native_batchnorm(model: nn.Module) -> bool:
-    """True if the model uses torch's BatchNorm, whose second-order gradient is wrong under vmap."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    """True if the model uses a torch BatchNorm that `for_vmap` cannot write out (one with running
+    statistics): its second-order gradient is wrong under vmap."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not _batch_statistics_bn(m)
+               for m in model.modules())
 
 
 def parse_path(path: str) -> tuple[str, frozenset[str]]:
@@ -218,20 +277,23 @@ def _distributed_world() -> int:
 def choose_path(model: nn.Module, order: int, device: torch.device, path: Path = "auto") -> str:
     """The execution path for the meta-batch: the measured fastest one that is also exact.
 
-    On CPU a per-task loop wins except for small MLPs (vmap: one batched kernel per layer
-    instead of a Python loop); channels-last was slower than the default layout for the conv nets
-    measured (benchmarks/README.md). vmap over native BatchNorm is refused at order 2 (a torch.func
-    bug gives a wrong second-order gradient, ../shared/notes/peers.md). `auto` adds `parallel`
-    only under an initialised torch.distributed job (torchrun: every rank takes its slice) and never
-    adds `bf16`, which changes the numbers: both are the user's choice otherwise.
+    On CPU a per-task loop is the rule for conv nets and vmap for MLPs (one batched kernel per
+    layer instead of a Python loop); for conv nets on CPU the winner depends on the workload
+    (few images per task favour vmap), so `path_candidates` offers both and the algorithm times
+    them on its first meta-batches (`Algorithm.meta_backward`). Channels-last was slower than the
+    default layout for the conv nets measured (benchmarks/README.md). vmap at order 2 is refused
+    over a BatchNorm with running statistics (a torch.func bug gives a wrong second-order gradient,
+    ../shared/notes/peers.md; one on batch statistics is written out by `for_vmap`). `auto` adds
+    `parallel` only under an initialised torch.distributed job (torchrun: every rank takes its
+    slice) and never adds `bf16`, which changes the numbers: both are the user's choice otherwise.
     """
     base, options = parse_path(path)
     vmap_ok = not (order >= 2 and has_native_batchnorm(model))
     if base == "vmap" and not vmap_ok:
         raise ValueError(
-            "path='vmap' with order=2 is refused for models with torch BatchNorm: torch.func.vmap "
-            "gives a wrong second-order gradient there (torch 2.13). Use path='loop' or "
-            "metagrad.models.TaskBatchNorm."
+            "path='vmap' with order=2 is refused for models with a torch BatchNorm that tracks running "
+            "statistics: torch.func.vmap gives a wrong second-order gradient there (torch 2.13). Use "
+            "path='loop', BatchNorm with track_running_stats=False, or metagrad.models.TaskBatchNorm."
         )
     if base == "auto":
         convs = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
@@ -241,6 +303,17 @@ def choose_path(model: nn.Module, order: int, device: torch.device, path: Path =
     if "bf16" in options and device.type not in ("cpu", "cuda"):
         raise ValueError(f"path option 'bf16' needs a CPU or CUDA device, the model is on {device}")
     return "+".join([base] + [o for o in OPTIONS if o in options])
+
+
+def path_candidates(model: nn.Module, order: int, device: torch.device, path: Path = "auto") -> list[str]:
+    """The exact paths worth timing for this model: `choose_path`'s, plus vmap for an `auto` conv net
+    on CPU (workload-dependent there); one path wherever the rule is clear."""
+    chosen = choose_path(model, order, device, path)
+    base, options = parse_path(chosen)
+    if parse_path(path)[0] != "auto" or device.type != "cpu" or base != "loop" or "parallel" in options \
+            or (order >= 2 and has_native_batchnorm(model)):
+        return [chosen]
+    return [chosen, "+".join(["vmap"] + [o for o in OPTIONS if o in options])]
 
 
 def with_options(f: Model, options: frozenset[str] | set[str]) -> Model:
@@ -274,7 +347,7 @@ def query_losses(
 
         return parallel.query_losses(f, loss_fn, params, batch, opt, steps, order, base, options - {"parallel"},
                                      names, all_steps)
-    f = with_options(f, options)
+    f = with_options(for_vmap(f) if base == "vmap" else f, options)
     if "cl" in options:
         # Conv weights in the images' layout, so that the convolutions need no conversion per call.
         params = {n: p.contiguous(memory_format=torch.channels_last) if p.dim() == 4 else p for n, p in params.items()}

@@ -150,6 +150,8 @@ def load_checkpoint(algorithm: nn.Module, checkpoint: str | Path | dict[str, Any
         checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
     check_compatible(checkpoint["identity"], algorithm, source)
     algorithm.load_state_dict(checkpoint["algorithm"])
+    if hasattr(algorithm, "load_path_state"):
+        algorithm.load_path_state(checkpoint.get("paths") or {})
     return checkpoint
 
 
@@ -233,6 +235,9 @@ def meta_train(
                 "optimizer": optimizer.state_dict(), "generator": gen.get_state(), "window": window,
                 "spec": spec, "seed": seed, "meta_batch": meta_batch, "outer_lr": outer_lr,
                 "seconds": seconds_before + time.perf_counter() - t0,
+                # The execution paths `auto` chose by timing (and the timings so far): a resumed run
+                # takes the same paths, so it is bit-identical to an uninterrupted one.
+                "paths": algorithm.path_state() if hasattr(algorithm, "path_state") else {},
             })
 
     from tqdm.auto import tqdm

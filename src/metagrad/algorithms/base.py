@@ -10,6 +10,8 @@ stopping of the inner loop at meta-test: `eval_steps` inner steps, chosen on val
 from __future__ import annotations
 
 import numbers
+import statistics
+import time
 from collections.abc import Sequence
 
 import torch
@@ -19,6 +21,8 @@ from torch.func import vmap
 from metagrad import core
 from metagrad.core import LossFn, Params, Path, TaskBatch
 from metagrad.inner import InnerOptimizer, sgd
+
+TIMED_RUNS = 2  # timed meta-iterations per candidate path before `auto` picks one (after a warm-up)
 
 
 class Algorithm(nn.Module):
@@ -63,6 +67,10 @@ class Algorithm(nn.Module):
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         # A buffer, so that a step count chosen on validation tasks is saved in checkpoints.
         self.register_buffer("_eval_steps", torch.tensor(self.inner_steps if eval_steps is None else eval_steps))
+        # Path timing (meta_backward): seconds per candidate path and the choice, per workload.
+        self._timings: dict[tuple, dict[str, list[float]]] = {}
+        self.tuned_paths: dict[tuple, str] = {}
+        self._trial: str | None = None
 
     @property
     def eval_steps(self) -> int:
@@ -84,8 +92,56 @@ class Algorithm(nn.Module):
         return next(self.model.parameters()).device
 
     def exec_path(self, order: int | None = None) -> str:
-        """The execution path for this model, order and device (see `core.choose_path`)."""
+        """The execution path for this model, order and device (see `core.choose_path`); inside
+        `meta_backward`, the path it runs (the timed or chosen one)."""
+        if self._trial is not None:
+            return self._trial
         return core.choose_path(self.model, self.order if order is None else order, self.device(), self.path)
+
+    def _workload(self, batch: TaskBatch) -> tuple:
+        return (self._order_now(), len(batch), tuple(batch.support_x.shape[1:]), tuple(batch.query_x.shape[1:]),
+                str(batch.support_x.dtype))
+
+    def _path_for(self, batch: TaskBatch) -> str:
+        """The path for this meta-batch: the only candidate, the one chosen for this workload, or the
+        next to time (round robin; the fastest once each ran TIMED_RUNS times after a warm-up).
+
+        Like cuDNN's benchmark mode, the choice follows the clock: two fresh runs can take different
+        paths, whose results differ in rounding; checkpoints carry the choice, and an explicit `path`
+        makes runs bit-identical."""
+        candidates = core.path_candidates(self.model, self._order_now(), self.device(), self.path)
+        key = self._workload(batch)
+        if len(candidates) == 1:
+            return candidates[0]
+        if key in self.tuned_paths and self.tuned_paths[key] in candidates:
+            return self.tuned_paths[key]
+        times = self._timings.setdefault(key, {c: [] for c in candidates})
+        return min(candidates, key=lambda c: len(times.setdefault(c, [])))
+
+    def _time_path(self, batch: TaskBatch, path: str, seconds: float) -> None:
+        key = self._workload(batch)
+        if key in self.tuned_paths or key not in self._timings:
+            return
+        times = self._timings[key]
+        times[path].append(seconds)
+        if all(len(t) > TIMED_RUNS for t in times.values()):
+            # The first run of each path is a warm-up (lazy imports, allocator): not counted.
+            self.tuned_paths[key] = min(times, key=lambda c: statistics.median(times[c][1:]))
+
+    def _order_now(self) -> int:
+        """The order in force at this iteration (MAML's order annealing overrides it)."""
+        return self.order
+
+    def path_state(self) -> dict:
+        """The paths `auto` chose by timing and the timings of those still being chosen (for checkpoints)."""
+        return {"chosen": dict(self.tuned_paths), "timings": {k: {p: list(t) for p, t in v.items()}
+                                                              for k, v in self._timings.items()}}
+
+    def load_path_state(self, state: dict) -> None:
+        """Take the path choices (and timings) of `path_state`, e.g. from a checkpoint being resumed."""
+        self.tuned_paths.update(state.get("chosen", {}))
+        for k, v in state.get("timings", {}).items():
+            self._timings[k] = {p: list(t) for p, t in v.items()}
 
     def _check_batch(self, batch: TaskBatch) -> None:
         if not isinstance(batch, TaskBatch):
@@ -130,12 +186,20 @@ class Algorithm(nn.Module):
         """Accumulate the meta-gradient into `.grad`, a chunk of tasks at a time (bounded memory)."""
         self._check_batch(batch)
         totals: dict[str, float] = {}
-        for chunk in core.chunks(batch, self.exec_path(), chunk_size):
-            loss, metrics = self._meta_loss(chunk)
-            core.check_finite(loss, f"meta-loss at iteration {int(self.iteration)}")
-            (loss * (len(chunk) / len(batch))).backward()
-            for k, v in {"meta_loss": float(loss.detach()), **metrics}.items():
-                totals[k] = totals.get(k, 0.0) + v * len(chunk) / len(batch)
+        path = self._path_for(batch)
+        start, self._trial = time.perf_counter(), path
+        try:
+            for chunk in core.chunks(batch, path, chunk_size):
+                loss, metrics = self._meta_loss(chunk)
+                core.check_finite(loss, f"meta-loss at iteration {int(self.iteration)}")
+                (loss * (len(chunk) / len(batch))).backward()
+                for k, v in {"meta_loss": float(loss.detach()), **metrics}.items():
+                    totals[k] = totals.get(k, 0.0) + v * len(chunk) / len(batch)
+        finally:
+            self._trial = None
+        if self.device().type == "cuda":
+            torch.cuda.synchronize()
+        self._time_path(batch, path, time.perf_counter() - start)
         return totals
 
     def meta_step(self, batch: TaskBatch, optimizer: torch.optim.Optimizer) -> dict[str, float]:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.func import grad, vjp, vmap
 
 from metagrad.algorithms.base import Algorithm, check_steps
-from metagrad.core import LossFn, Params, Path, TaskBatch, inner_loop, parse_path
+from metagrad.core import LossFn, Params, Path, TaskBatch, for_vmap, inner_loop, parse_path
 from metagrad.inner import sgd, with_l2
 
 
@@ -87,11 +87,12 @@ class IMAML(Algorithm):
     def _task(self, theta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor,
               vmapped: bool) -> tuple[Tensor, Params]:
         """Query loss at phi and the implicit meta-gradient v of one task (`sx [shots, ...]`)."""
-        phi = inner_loop(self.f, self.loss_fn, theta, sx, sy, self.inner_opt, self.inner_steps, order=0,
+        f = for_vmap(self.f) if vmapped else self.f
+        phi = inner_loop(f, self.loss_fn, theta, sx, sy, self.inner_opt, self.inner_steps, order=0,
                          vmapped=vmapped)[-1]
 
         def loss_on(x: Tensor, y: Tensor) -> Callable[[Params], Tensor]:
-            return lambda p: self.loss_fn(self.f(p, x), y)
+            return lambda p: self.loss_fn(f(p, x), y)
 
         g, query_loss = grad(lambda p: (loss_on(qx, qy)(p),) * 2, has_aux=True)(phi)
         if self.order == 1:

@@ -84,11 +84,11 @@ class L2O(Algorithm):
         order, path = self.order, self.exec_path()
 
         def one_task(p: Params, s: Any, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, vmapped: bool):
-            losses = []
+            losses, f = [], core.for_vmap(self.f) if vmapped else self.f
             for k in range(first, first + steps):
-                p, s, _ = core.inner_step(self.f, self.loss_fn, p, s, sx, sy, self.inner_opt, k, order,
+                p, s, _ = core.inner_step(f, self.loss_fn, p, s, sx, sy, self.inner_opt, k, order,
                                           vmapped=vmapped)
-                losses.append(self.loss_fn(self.f(p, qx), qy))
+                losses.append(self.loss_fn(f(p, qx), qy))
             return torch.stack(losses), p, s
 
         if core.parse_path(path)[0] == "vmap":

@@ -68,6 +68,9 @@ class MAML(Algorithm):
     def exec_path(self, order: int | None = None) -> str:
         return super().exec_path(self.current_order() if order is None else order)
 
+    def _order_now(self) -> int:
+        return self.current_order()
+
     def _meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
         order = self.current_order()
         msl = self.multi_step_loss_iters > 0 and int(self.iteration) < self.multi_step_loss_iters \
