@@ -17,11 +17,19 @@ ones are named and skipped, so the script always runs ours:
     python benchmarks/omniglot_budget.py                                # 60 min per cell: ~6 h with both peers
     .venv-bench/bin/python benchmarks/omniglot_budget.py --minutes 10 --tasks 5w1s
     python benchmarks/omniglot_budget.py --minutes 1 --eval-tasks 100   # a smoke run
+
+`--side-by-side` runs the implementations of a task at the same time, each in its own process pinned
+to its own core with one thread: the same hardware for each, and half the wall time on 2 cores:
+
+    .venv-bench/bin/python benchmarks/omniglot_budget.py --peers learn2learn --side-by-side --json runs/budget.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import multiprocessing
+import os
 import time
 
 import torch
@@ -93,6 +101,21 @@ def train_and_evaluate(impl: str, cell: str, args: argparse.Namespace) -> dict:
     return {"impl": impl, "cell": cell, "points": points}
 
 
+def pinned(core: int, impl: str, cell: str, args: argparse.Namespace) -> dict:
+    """train_and_evaluate in this process, pinned to one core with one thread."""
+    os.sched_setaffinity(0, {core})
+    torch.set_num_threads(1)
+    return train_and_evaluate(impl, cell, args) | {"core": core, "threads": 1}
+
+
+def side_by_side(impls: list[str], cell: str, args: argparse.Namespace) -> list[dict]:
+    """Every implementation of `cell` at once, one spawned process per core."""
+    cores = sorted(os.sched_getaffinity(0))[: len(impls)]
+    with multiprocessing.get_context("spawn").Pool(len(impls)) as pool:
+        jobs = [pool.apply_async(pinned, (core, impl, cell, args)) for core, impl in zip(cores, impls)]
+        return [job.get() for job in jobs]
+
+
 def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     heads = [f"{args.minutes * (k + 1) / args.evals:g} min" for k in range(args.evals)]
     print("\n| task | implementation | iterations | iterations/hour | " + " | ".join(heads)
@@ -112,12 +135,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--peers", default=",".join(PEERS), help="comma-separated; '' for ours alone")
     p.add_argument("--evals", type=int, default=4, help="evaluation points, evenly spaced over the budget")
     p.add_argument("--eval-tasks", type=int, default=600, help="test episodes per evaluation (the papers': 600)")
-    p.add_argument("--path", default="auto", help="metagrad's execution path (core.choose_path; speed.py)")
+    p.add_argument("--path", default="auto",
+                   help="metagrad's execution path (core.choose_path; 'auto' times loop and vmap on the first batches)")
     p.add_argument("--outer-lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=0, help="torch threads for every implementation; 0: default")
     p.add_argument("--device", default="cpu")
     p.add_argument("--data", default="", help="folder holding omniglot/ (default: $METAGRAD_DATA)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--side-by-side", action="store_true",
+                   help="run a task's implementations at once, one process per core, one thread each")
+    p.add_argument("--json", default="", help="also write the results (every evaluation point) to this file")
     args = p.parse_args(argv)
     cells = [c for c in args.tasks.split(",") if c]
     unknown = sorted(set(cells) - set(CELLS))
@@ -128,6 +155,9 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"--peers: unknown {sorted(set(peers) - set(PEERS))}; choose from {list(PEERS)}")
     if not args.minutes > 0 or args.evals < 1 or args.eval_tasks < 1:
         p.error("--minutes must be positive, --evals and --eval-tasks at least 1")
+    if args.side_by_side and (args.threads or args.path.startswith("parallel") or args.device != "cpu"):
+        p.error("--side-by-side pins one single-threaded CPU process per implementation: "
+                "drop --threads, a 'parallel' --path and --device")
     if args.threads:
         torch.set_num_threads(args.threads)
     impls = ["metagrad"]
@@ -137,10 +167,20 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{peer}: not available here, skipped ({why}); run with .venv-bench/bin/python to include it")
         else:
             impls.append(peer)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}; "
+    if args.side_by_side and len(impls) > len(os.sched_getaffinity(0)):
+        p.error(f"--side-by-side needs a core per implementation: {len(impls)} implementations, "
+                f"{len(os.sched_getaffinity(0))} cores")
+    threads = "1 thread and 1 core each, side by side" if args.side_by_side else f"{torch.get_num_threads()} threads"
+    print(f"torch {torch.__version__}, {threads}, device {args.device}; "
           f"{args.minutes:g} min of meta-training per implementation and task; running: {', '.join(impls)}")
-    rows = [train_and_evaluate(impl, cell, args) for cell in cells for impl in impls]
+    if args.side_by_side:
+        rows = [row for cell in cells for row in side_by_side(impls, cell, args)]
+    else:
+        rows = [train_and_evaluate(impl, cell, args) for cell in cells for impl in impls]
     print_table(rows, args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "torch": torch.__version__, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

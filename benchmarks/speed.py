@@ -44,8 +44,9 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metagrad import TaskBatch, parallel
+from metagrad import TaskBatch, core, parallel
 from metagrad.algorithms import MAML
+from metagrad.algorithms.base import TIMED_RUNS
 from metagrad.models import MLP, Conv4
 from metagrad.tasks import Sinusoid
 
@@ -191,16 +192,30 @@ def ours_step(model: nn.Module, loss_fn: Callable, inner_lr: float, steps: int, 
     def step(batch: TaskBatch) -> None:
         alg.meta_backward(batch)
 
+    step.algorithm = alg  # type: ignore[attr-defined]  # for settle()
     return step
+
+
+def settle(step: Step, batch: TaskBatch) -> str | None:
+    """Run our step until `auto` has timed its candidate paths and chosen one; the path it runs."""
+    alg = getattr(step, "algorithm", None)
+    if alg is None:
+        return None
+    for _ in range(2 * (TIMED_RUNS + 1) * 2):
+        if len(alg.tuned_paths) or len(core.path_candidates(alg.model, alg.order, alg.device(), alg.path)) == 1:
+            break
+        step(batch)
+    return alg._path_for(batch)
 
 
 def our_paths(model_name: str, order: int) -> list[str]:
     """The paths worth timing for this model: auto, and the options of core.choose_path."""
     if model_name == "sinusoid":
         return ["auto", "loop"]
-    # Not by default, to stay near 5 minutes (time them with --paths): loop+bf16, loop+cl (slower here,
-    # README), vmap (order 1 only: vmap over torch BatchNorm is wrong at order 2 and refused).
-    return ["auto", "parallel", "parallel+bf16"]
+    # auto times loop and vmap on this batch and keeps the faster (settle() lets it choose before timing);
+    # vmap runs torch BatchNorm written out (core.for_vmap). Not by default, to stay near 5 minutes
+    # (time them with --paths): loop+bf16, loop+cl (slower here, README).
+    return ["auto", "vmap", "parallel", "parallel+bf16"]
 
 
 # -- measuring ------------------------------------------------------------------------------------
@@ -267,6 +282,11 @@ def run(model_name: str, order: int, args: argparse.Namespace) -> list[dict]:
 
     model, batch, _, _ = problem(model_name, args.meta_batch, torch.float32)
     steps = {name: make(model, loss_fn, inner_lr) for name, make in impls.items()}
+    for name in list(steps):
+        chosen = settle(steps[name], batch)
+        if name == "metagrad auto" and chosen:
+            steps[f"metagrad auto ({chosen})"] = steps.pop(name)
+            errs[f"metagrad auto ({chosen})"] = errs.pop(name)
     times: dict[str, list[float]] = {name: [] for name in steps}
     for r in range(args.repeats + 1):  # the first round warms up (and starts the parallel workers)
         log(f"{model_name} order {order}: timing round {r} of {args.repeats}")

@@ -65,6 +65,7 @@ class OmniglotConfig:
     checkpoint_every: int = 500
     data: str = ""                  # folder holding omniglot/ (or the omniglot folder); "": $METAGRAD_DATA
     device: str = "cpu"
+    path: str = "auto"              # execution path (core.choose_path): auto times loop and vmap; parallel, +bf16
     seed: int = 0
 
 
@@ -98,7 +99,7 @@ def task_args(cfg: OmniglotConfig) -> dict:
 
 def spec(cfg: OmniglotConfig) -> dict:
     """How to build the algorithm, model and tasks of this config (also what `metagrad eval` rebuilds)."""
-    args = {"inner_lr": cfg.inner_lr, "inner_steps": cfg.inner_steps, "eval_steps": cfg.eval_steps}
+    args = {"inner_lr": cfg.inner_lr, "inner_steps": cfg.inner_steps, "eval_steps": cfg.eval_steps, "path": cfg.path}
     if cfg.algorithm not in FIRST_ORDER:
         args["order"] = cfg.order
     return {"algorithm": cfg.algorithm, "algorithm_args": args, "model": "conv4",
