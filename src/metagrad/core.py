@@ -118,6 +118,20 @@ def functional(model: nn.Module) -> Model:
     return f
 
 
+def batch_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """Batch norm of `x [n, channels, ...]` over its own batch, written out: exact under vmap at any order."""
+    dims = [0] + list(range(2, x.dim()))
+    mean = x.mean(dims, keepdim=True)
+    var = x.var(dims, unbiased=False, keepdim=True)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    if weight is not None:
+        out = out * weight.view(shape)
+    if bias is not None:
+        out = out + bias.view(shape)
+    return out
+
+
 class WrittenOutBatchNorm(nn.Module):
     """A torch BatchNorm on batch statistics, written out with the same parameters: exact under vmap."""
 
@@ -128,16 +142,7 @@ class WrittenOutBatchNorm(nn.Module):
         self.weight, self.bias = bn.weight, bn.bias
 
     def forward(self, x: Tensor) -> Tensor:
-        dims = [0] + list(range(2, x.dim()))
-        mean = x.mean(dims, keepdim=True)
-        var = x.var(dims, unbiased=False, keepdim=True)
-        out = (x - mean) * torch.rsqrt(var + self.eps)
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        if self.weight is not None:
-            out = out * self.weight.view(shape)
-        if self.bias is not None:
-            out = out + self.bias.view(shape)
-        return out
+        return batch_norm(x, self.weight, self.bias, self.eps)
 
 
 def _batch_statistics_bn(m: nn.Module) -> bool:
