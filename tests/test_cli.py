@@ -96,6 +96,19 @@ def test_train_set_keys_take_json_for_optional_values_and_argument_tables(capsys
     one_line_error(capsys, ["train", "--set", "algorithm_args=lslr"], "'algorithm_args' expects a JSON object")
 
 
+def test_train_lr_schedule_flags(capsys):
+    from metagrad.train import outer_lr_at
+
+    assert main([*TINY_TRAIN, "--out", "r", "--lr-schedule", "cosine", "--min-outer-lr", "1e-5"]) == 0
+    config = json.loads(Path("r/config.json").read_text())
+    assert (config["lr_schedule"], config["min_outer_lr"]) == ("cosine", 1e-5)
+    lines = [json.loads(x) for x in Path("r/metrics.jsonl").read_text().splitlines()]
+    last = sum(outer_lr_at(i, 20, 1e-3, "cosine", 1e-5) for i in range(15, 20)) / 5
+    assert lines[-1]["outer_lr"] == pytest.approx(last, rel=1e-12) and last < 1e-4
+    one_line_error(capsys, [*TINY_TRAIN, "--out", "s", "--lr-schedule", "step"], "lr_schedule must be one of")
+    assert not Path("s").exists()  # refused before the run folder is made
+
+
 @pytest.mark.parametrize("suffix", [".json", ".toml"])
 def test_train_config_file(suffix, capsys):
     if suffix == ".toml":

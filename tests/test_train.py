@@ -142,3 +142,47 @@ def test_same_seed_same_numbers_and_eval_reproduces(tmp_path):
     _, r1 = evaluate_checkpoint(tmp_path / "a", n_tasks=50, steps=3)
     _, r2 = evaluate_checkpoint(tmp_path / "a" / "checkpoint.pt", n_tasks=50, steps=3)
     assert r1.curve == r2.curve and len(r1.curve) == 4 and r1.n_tasks == 50
+
+
+def test_cosine_outer_lr_follows_torch_cosine_annealing():
+    from metagrad.train import outer_lr_at
+
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=40, eta_min=1e-5)
+    for i in range(41):
+        assert outer_lr_at(i, 40, 1e-3, "cosine", 1e-5) == pytest.approx(opt.param_groups[0]["lr"], rel=1e-12)
+        opt.step()
+        sched.step()
+    assert outer_lr_at(20, 40, 1e-3, "cosine", 1e-5) == pytest.approx((1e-3 + 1e-5) / 2, rel=1e-12)
+    assert outer_lr_at(7, 40, 1e-3) == 1e-3
+
+
+def test_cosine_schedule_is_applied_logged_and_resumes_bit_identically(tmp_path):
+    from metagrad.train import outer_lr_at
+
+    kw = dict(lr_schedule="cosine", min_outer_lr=1e-4)
+    full, full_run, _ = train(tmp_path / "full", 30, **kw)
+    logged = {m["step"]: m["outer_lr"] for m in full_run.metrics() if "outer_lr" in m}
+    # Each line is the mean rate over its window of log_every=5 iterations (0-based i = step-5 .. step-1).
+    for step, lr in logged.items():
+        expected = sum(outer_lr_at(i, 30, 1e-2, "cosine", 1e-4) for i in range(step - 5, step)) / 5
+        assert lr == pytest.approx(expected, rel=1e-12)
+    assert sorted(logged) == [5, 10, 15, 20, 25, 30]
+
+    def interrupt(tasks):
+        return Hook(tasks, 14, lambda batch: signal.raise_signal(signal.SIGTERM))
+
+    with pytest.raises(TrainingInterrupted, match="iteration 14 of 30"):
+        train(tmp_path / "int", 30, tasks_wrapper=interrupt, **kw)
+    resumed, resumed_run, _ = train(tmp_path / "int", 30, resume=True, **kw)
+    assert_same_state(full, resumed)
+    assert metric_lines(full_run) == metric_lines(resumed_run)
+    constant, _, _ = train(tmp_path / "constant", 30)  # the schedule changed the trajectory
+    assert not torch.equal(constant.state_dict()["model.0.weight"], full.state_dict()["model.0.weight"])
+
+
+def test_bad_lr_schedule_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        train(tmp_path / "a", 3, lr_schedule="step")
+    with pytest.raises(ValueError, match="min_outer_lr must be in"):
+        train(tmp_path / "b", 3, lr_schedule="cosine", min_outer_lr=1.0)

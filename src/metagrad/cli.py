@@ -50,6 +50,8 @@ class TrainConfig:
     meta_batch: int = 25
     iterations: int = 1000
     outer_lr: float = 1e-3
+    lr_schedule: str = "constant"   # constant | cosine (annealed to min_outer_lr over the iterations: MAML++)
+    min_outer_lr: float = 0.0
     algorithm_args: dict[str, Any] = field(default_factory=dict)
     task_args: dict[str, Any] = field(default_factory=dict)
     model_args: dict[str, Any] = field(default_factory=dict)
@@ -176,7 +178,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from metagrad.evaluation import evaluate
-    from metagrad.train import build, build_tasks, meta_train
+    from metagrad.train import build, build_tasks, check_lr_schedule, meta_train
 
     flags = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
     overrides = {**(read_config_file(args.config) if args.config else {}), **parse_sets(args.set), **flags}
@@ -185,6 +187,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                           f"{overrides.get('tasks', default.tasks)}")
     cfg = resolve(TrainConfig, saved_config(out, args.resume), overrides, "metagrad train")
     name = f"train-{cfg.algorithm}-{cfg.tasks}"
+    check_lr_schedule(cfg.outer_lr, cfg.lr_schedule, cfg.min_outer_lr)  # before the run folder is made
     spec = cfg.spec()
     algorithm, tasks = build(spec, seed=cfg.seed)
     val_tasks = build_tasks(spec, split="val") if cfg.val_every > 0 else None
@@ -195,7 +198,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                          val_tasks=val_tasks, val_every=cfg.val_every, val_n_tasks=cfg.val_tasks,
                          log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every,
                          time_budget=cfg.time_budget, device=cfg.device, spec=spec, progress=not args.no_progress,
-                         desc=cfg.algorithm)
+                         desc=cfg.algorithm, lr_schedule=cfg.lr_schedule, min_outer_lr=cfg.min_outer_lr)
     # Held-out tasks from the generator `metagrad eval` uses too: the same numbers when re-evaluated.
     result = evaluate(algorithm, test_tasks, cfg.eval_tasks, cfg.eval_steps,
                       torch.Generator().manual_seed(cfg.seed + 10_000))
@@ -294,7 +297,8 @@ def parser() -> argparse.ArgumentParser:
     run_flags(q)
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
     types = {"inner_lr": float, "inner_steps": int, "order": int, "shots": int, "query_shots": int, "ways": int,
-             "meta_batch": int, "iterations": int, "outer_lr": float, "val_every": int, "val_tasks": int,
+             "meta_batch": int, "iterations": int, "outer_lr": float, "lr_schedule": str,
+             "min_outer_lr": float, "val_every": int, "val_tasks": int,
              "eval_tasks": int, "eval_steps": int, "log_every": int, "checkpoint_every": int,
              "time_budget": float, "seed": int, "algorithm": str, "tasks": str, "model": str, "device": str}
     for key, kind in types.items():

@@ -3,7 +3,7 @@
     gen = Generator(seed)
     for iteration in start..iterations:
         batch = tasks.sample(meta_batch, gen)            # [meta_batch, shots, ...]
-        metrics = algorithm.meta_step(batch, optimizer)  # Adam(outer_lr) by default
+        metrics = algorithm.meta_step(batch, optimizer)  # Adam(outer_lr) by default; lr_schedule sets its rate
         every log_every:        metrics.jsonl line (means over the window), progress bar
         every val_every:        query loss/accuracy on fixed meta-train and held-out tasks, and their gap
         every checkpoint_every: checkpoint (algorithm, optimizer, task generator, log window)
@@ -17,6 +17,7 @@ family) from which `build` makes the same objects again: `metagrad eval` and `--
 from __future__ import annotations
 
 import inspect
+import math
 import signal
 import threading
 import time
@@ -36,6 +37,30 @@ from metagrad.runs import Run
 from metagrad.tasks.base import TaskDistribution, get_family
 
 MODELS: dict[str, Any] = {"mlp": MLP, "conv4": Conv4}
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def check_lr_schedule(outer_lr: float, schedule: str, min_outer_lr: float) -> None:
+    """Raise a ValueError naming the argument if the outer-rate schedule is not one meta_train runs."""
+    if not outer_lr > 0:
+        raise ValueError(f"outer_lr must be positive, got {outer_lr!r}")
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+    if not 0 <= min_outer_lr <= outer_lr:
+        raise ValueError(f"min_outer_lr must be in [0, outer_lr={outer_lr!r}], got {min_outer_lr!r}")
+
+
+def outer_lr_at(iteration: int, iterations: int, outer_lr: float, schedule: str = "constant",
+                min_outer_lr: float = 0.0) -> float:
+    """The outer learning rate of (0-based) `iteration`: constant, or cosine-annealed to `min_outer_lr` (MAML++)."""
+    if schedule == "constant":
+        return outer_lr
+    if schedule != "cosine":
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+    # torch's CosineAnnealingLR with T_max = iterations, as a function of the iteration alone: a resumed
+    # run needs no scheduler state to continue on the same curve.
+    progress = iteration / max(iterations, 1)
+    return min_outer_lr + (outer_lr - min_outer_lr) * (1 + math.cos(math.pi * progress)) / 2
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -196,19 +221,21 @@ def meta_train(
     spec: dict[str, Any] | None = None,
     progress: bool = True,
     desc: str = "meta-train",
+    lr_schedule: str = "constant",
+    min_outer_lr: float = 0.0,
 ) -> TrainResult:
     """Meta-train `algorithm` on tasks from `tasks` for `iterations` outer steps of `meta_batch` tasks each.
 
     With `run`, writes metrics.jsonl and checkpoint.pt there, and if `run.resume` continues from its
     checkpoint. `val_tasks` (held-out) are compared every `val_every` iterations with as many fixed
     meta-training tasks: the meta-train vs meta-test gap. `time_budget` (seconds) stops early, cleanly.
+    `lr_schedule="cosine"` anneals the outer rate from `outer_lr` to `min_outer_lr` over `iterations`.
     """
     for name, value in (("iterations", iterations), ("meta_batch", meta_batch)):
         if int(value) != value or value < (0 if name == "iterations" else 1):
             raise ValueError(f"{name} must be a {'non-negative' if name == 'iterations' else 'positive'} "
                              f"integer, got {value!r}")
-    if not outer_lr > 0:
-        raise ValueError(f"outer_lr must be positive, got {outer_lr!r}")
+    check_lr_schedule(outer_lr, lr_schedule, min_outer_lr)
     device = torch.device(device)
     algorithm.to(device)
     optimizer = optimizer or torch.optim.Adam(algorithm.parameters(), lr=outer_lr)
@@ -249,7 +276,13 @@ def meta_train(
                                                     dynamic_ncols=True, mininterval=0.5) as bar:
         for i in range(start, iterations):
             batch = tasks.sample(meta_batch, gen).to(device)
+            if lr_schedule != "constant":
+                lr = outer_lr_at(i, iterations, outer_lr, lr_schedule, min_outer_lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
             metrics = algorithm.meta_step(batch, optimizer)
+            if lr_schedule != "constant":
+                metrics = {**metrics, "outer_lr": lr}
             for k, v in metrics.items():
                 window[k] = window.get(k, 0.0) + v
             window["_n"] = window.get("_n", 0.0) + 1
