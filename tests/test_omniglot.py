@@ -296,6 +296,45 @@ def test_named_experiments_carry_the_papers_settings():
         assert (cfg.outer_lr, cfg.iterations, cfg.eval_tasks, cfg.query_shots) == (1e-3, 60000, 600, cfg.shots)
 
 
+def test_maml_plus_plus_experiments_carry_the_maml_plus_plus_code_settings():
+    from metagrad.experiments import get
+    from metagrad.experiments.omniglot import spec
+
+    # HowToTrainYourMAMLPytorch, experiment_config/omniglot_maml++-*: ways, meta_batch (batch_size), inner
+    # steps (train, test), init inner rate, iterations (epochs x 500), multi-step-loss iterations (epochs x 500).
+    code = {"omniglot-5w1s-maml++": (5, 8, 5, 5, 0.1, 50000, 5000),
+            "omniglot-20w1s-maml++": (20, 16, 5, 5, 0.1, 125000, 10000)}
+    for name, values in code.items():
+        cfg = get(name).make_config()
+        assert (cfg.ways, cfg.meta_batch, cfg.inner_steps, cfg.eval_steps, cfg.inner_lr, cfg.iterations,
+                cfg.multi_step_loss_iters) == values
+        assert (cfg.shots, cfg.query_shots, cfg.order, cfg.order_anneal_iters) == (1, 1, 2, 0)
+        assert (cfg.lr_schedule, cfg.outer_lr, cfg.min_outer_lr, cfg.pool) == ("cosine", 1e-3, 1e-5, "max")
+        s = spec(cfg)
+        assert s["algorithm"] == "maml++" and s["model_args"]["pool"] == "max"
+        assert s["algorithm_args"]["multi_step_loss_iters"] == values[-1]
+
+
+def test_maml_plus_plus_short_training_learns_its_rates_and_beats_chance(tmp_path):
+    from metagrad.experiments.omniglot import OmniglotMAMLPlusPlusConfig, run_omniglot, spec
+    from metagrad.runs import Run
+    from metagrad.train import build
+
+    cfg = OmniglotMAMLPlusPlusConfig(iterations=40, multi_step_loss_iters=20, hidden=16, val_every=0,
+                                     eval_tasks=100, curve_steps=5, data=ROOT, log_every=10)
+    start = build(spec(cfg), seed=cfg.seed)[0].state_dict()
+    results = run_omniglot(cfg, Run(tmp_path, {}))
+    curve, ci = results["evaluation"]["curve"], results["evaluation"]["curve_ci95"]
+    assert curve[5] - ci[5] > 0.5, (curve, ci)  # chance: 20%
+    trained = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["algorithm"]
+    rates = [k for k in trained if k.startswith("inner_meta_params.")]  # LSLR: a learned rate per layer and step
+    assert len(rates) == 18 and all(trained[k].shape == (5,) for k in rates)  # 4 x (conv, BN) x 2 + head x 2
+    assert any(not torch.equal(start[k], trained[k]) for k in rates)
+    lrs = [m["outer_lr"] for m in Run(tmp_path, {}, resume=True).metrics() if "outer_lr" in m]
+    assert lrs[0] > lrs[-1] > 1e-5  # cosine-annealed outer rate, logged
+    assert results["table"][0]["published %"] == 99.47
+
+
 @pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile", "anil", "metasgd", "maml++"])
 def test_every_algorithm_trains_on_omniglot(algorithm, tmp_path):
     from metagrad.experiments.omniglot import OmniglotConfig, run_omniglot, spec
