@@ -55,8 +55,7 @@ def outer_lr_at(iteration: int, iterations: int, outer_lr: float, schedule: str 
     """The outer learning rate of (0-based) `iteration`: constant, or cosine-annealed to `min_outer_lr` (MAML++)."""
     if schedule == "constant":
         return outer_lr
-    if schedule != "cosine":
-        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}")
+    check_lr_schedule(outer_lr, schedule, min_outer_lr)
     # torch's CosineAnnealingLR with T_max = iterations, as a function of the iteration alone: a resumed
     # run needs no scheduler state to continue on the same curve.
     progress = iteration / max(iterations, 1)
