@@ -36,7 +36,7 @@ import torch
 from speed import PEER_STEPS, ours_step
 from torch import nn
 
-from metagrad import parallel
+from metagrad import distributed
 from metagrad.algorithms import MAML
 from metagrad.evaluation import evaluate
 from metagrad.models import Conv4
@@ -97,7 +97,7 @@ def train_and_evaluate(impl: str, cell: str, args: argparse.Namespace) -> dict:
             print(f"  {impl:12s} {cell}: {trained / 60:6.1f} min, {iterations:6d} iterations, "
                   f"test accuracy {100 * r.mean:.2f} ± {100 * r.ci95:.2f}%", flush=True)
     if args.path.startswith("parallel"):
-        parallel.shutdown()
+        distributed.shutdown()
     return {"impl": impl, "cell": cell, "points": points}
 
 

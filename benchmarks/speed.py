@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from metagrad import TaskBatch, core, parallel
+from metagrad import TaskBatch, core, distributed, paths
 from metagrad.algorithms import MAML
 from metagrad.algorithms.base import TIMED_RUNS
 from metagrad.models import MLP, Conv4
@@ -249,7 +249,7 @@ def peak_memory(step: Step, batch: TaskBatch, model: nn.Module) -> float | None:
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    pids = [os.getpid(), *parallel.worker_pids()]
+    pids = [os.getpid(), *distributed.worker_pids()]
     base = {}
     for pid in pids:
         with contextlib.suppress(OSError):
@@ -278,7 +278,7 @@ def run(model_name: str, order: int, args: argparse.Namespace) -> list[dict]:
         e64 = rel_err(grads_of(model64, make(model64, loss_fn, inner_lr), batch64), reference)
         e32 = rel_err(grads_of(model32, make(model32, loss_fn, inner_lr), batch32).double(), reference)
         errs[name] = (e64, e32)
-        parallel.shutdown()
+        distributed.shutdown()
 
     model, batch, _, _ = problem(model_name, args.meta_batch, torch.float32)
     steps = {name: make(model, loss_fn, inner_lr) for name, make in impls.items()}
@@ -296,7 +296,7 @@ def run(model_name: str, order: int, args: argparse.Namespace) -> list[dict]:
             step(batch)
             times[name].append(time.perf_counter() - t)
     memory = {name: peak_memory(step, batch, model) for name, step in steps.items()}
-    parallel.shutdown()
+    distributed.shutdown()
 
     med = {name: statistics.median(ts[1:]) for name, ts in times.items()}
     peers = [med[p] for p in args.peers]
@@ -341,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.meta_batch, args.repeats, args.check_tasks = 8, 2, 2
     models = MODELS if "all" in args.model else tuple(args.model)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {parallel.default_workers()} cores; "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {paths.default_workers()} cores; "
           f"meta-batch {args.meta_batch}, inner steps {args.inner_steps}, {args.repeats} repeats (median); "
           f"load {os.getloadavg()[0]:.2f}")
     rows = []

@@ -1,18 +1,15 @@
 """Every execution path against the reference per-task loop (itself checked against finite differences
 in test_core.py) in float64, plus finite differences for the process-per-core path, and the accuracy
-cost of bfloat16 autocast measured against float64."""
-
-import multiprocessing
-import socket
+cost of bfloat16 autocast measured against float64. (torchrun jobs: test_distributed.py.)"""
 
 import pytest
 import torch
 from helpers import finite_difference, rel_err
 from torch import nn
 
-from metagrad import TaskBatch, core, parallel
+from metagrad import TaskBatch, core, distributed
 from metagrad.algorithms import MAML
-from metagrad.inner import per_parameter_lr, sgd
+from metagrad.inner import per_parameter_lr
 from metagrad.models import MLP, Conv4
 from metagrad.tasks import Sinusoid
 
@@ -22,7 +19,7 @@ CE = nn.functional.cross_entropy
 @pytest.fixture(autouse=True)
 def stop_workers():
     yield
-    parallel.shutdown()
+    distributed.shutdown()
 
 
 def small_cnn(pool: str = "max", dtype: torch.dtype = torch.float64) -> nn.Module:
@@ -104,83 +101,60 @@ def test_cnn_paths_equal_the_reference_loop_at_order2(path, pool, gen):
 @pytest.mark.parametrize("order", [1, 2])
 def test_parallel_matches_finite_differences_with_learned_rates_and_all_steps(order, gen):
     """Meta-SGD's learned rates and the per-step losses of MAML++ flow through the process split."""
-    torch.manual_seed(0)
-    model = MLP((1, 6, 1)).double()
-    f = core.functional(model)
-    params = core.named_params(model)
-    opt = per_parameter_lr(params, 0.05)
+    def alg(path: str) -> MAML:
+        torch.manual_seed(0)
+        model = MLP((1, 6, 1)).double()
+        return MAML(model, inner_steps=3, order=order, inner_opt=per_parameter_lr(core.named_params(model), 0.05),
+                    multi_step_loss_iters=10, path=path)
+
     batch = Sinusoid(shots=4, query_shots=4, dtype=torch.float64).sample(5, gen)
-    weights = torch.tensor([0.2, 0.3, 0.5], dtype=torch.float64)
-
-    def loss(path: str) -> torch.Tensor:
-        losses, _ = core.query_losses(f, core.mse_loss, params, batch, opt, 2, order, path, all_steps=True)
-        return (losses @ weights).mean()
-
-    leaves = list(params.values()) + list(opt.meta_params.values())
-    got = torch.autograd.grad(loss("loop+parallel"), leaves)
-    ref = torch.autograd.grad(loss("loop"), leaves)
-    assert rel_err(torch.cat([g.flatten() for g in got]), torch.cat([g.flatten() for g in ref])) < 1e-12
+    par, loop = alg("loop+parallel"), alg("loop")
+    got = par.meta_gradient(batch)
+    ref = loop.meta_gradient(batch)
+    assert par.exec_path() == "loop+parallel" and len(distributed.worker_pids()) == distributed.default_workers() - 1
+    assert list(got) == list(ref) and any("inner_meta_params" in n for n in got)
+    assert rel_err(torch.cat([g.flatten() for g in got.values()]), torch.cat([g.flatten() for g in ref.values()])) \
+        < 1e-12
+    assert got.metrics["meta_loss"] == pytest.approx(ref.metrics["meta_loss"], rel=1e-12)
     if order == 2:
-        numeric = finite_difference(lambda: loss("loop+parallel"), leaves)
-        assert rel_err(torch.cat([g.flatten() for g in got]), torch.cat([n.flatten() for n in numeric])) < 1e-7
+        numeric = finite_difference(lambda: loop.meta_loss(batch), list(loop.parameters()))
+        assert rel_err(torch.cat([g.flatten() for g in got.values()]), torch.cat([n.flatten() for n in numeric])) \
+            < 1e-7
+    par.close()
+    assert distributed.worker_pids() == []
 
 
-def test_parallel_workers_persist_across_steps_and_stop_on_shutdown(gen):
+def test_parallel_workers_persist_across_steps_and_stop_on_close(gen):
     alg = MAML(small_cnn(), inner_lr=0.1, loss_fn=CE, path="parallel")
     batch = image_batch(gen, tasks=4)
     opt = torch.optim.SGD(alg.parameters(), lr=0.01)
     alg.meta_step(batch, opt)
-    pids = parallel.worker_pids()
-    assert len(pids) == parallel.default_workers() - 1
+    pids = distributed.worker_pids()
+    assert len(pids) == distributed.default_workers() - 1
     alg.meta_step(batch, opt)
-    assert parallel.worker_pids() == pids
+    assert distributed.worker_pids() == pids
     # The second step started from the updated weights in every process: compare with the loop.
     ref = MAML(small_cnn(), inner_lr=0.1, loss_fn=CE, path="loop")
     ref.load_state_dict(alg.state_dict())
     assert rel_err(flat_grad(alg, batch), flat_grad(ref, batch)) < 1e-12
-    parallel.shutdown()
-    assert parallel.worker_pids() == []
+    alg.close()
+    assert distributed.worker_pids() == []
+    with MAML(small_cnn(), inner_lr=0.1, loss_fn=CE, path="parallel") as scoped:  # a context manager too
+        scoped.meta_gradient(batch)
+        assert len(distributed.worker_pids()) == distributed.default_workers() - 1
+    assert distributed.worker_pids() == []
 
 
 def test_parallel_with_more_processes_than_tasks(gen, monkeypatch):
     monkeypatch.setenv("METAGRAD_WORKERS", "3")
     batch = image_batch(gen, tasks=2)
-    got = flat_grad(MAML(small_cnn(), inner_lr=0.1, loss_fn=CE, path="parallel"), batch)
-    assert len(parallel.worker_pids()) == 2
+    alg = MAML(small_cnn(), inner_lr=0.1, loss_fn=CE, path="parallel")  # its workers live as long as it does
+    got = flat_grad(alg, batch)
+    assert len(distributed.worker_pids()) == 2
     ref = flat_grad(MAML(small_cnn(), inner_lr=0.1, loss_fn=CE, path="loop"), batch)
     assert rel_err(got, ref) < 1e-12
-
-
-def _torchrun_rank(rank: int, port: int, out: multiprocessing.Queue) -> None:
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    alg = MAML(small_cnn(), inner_lr=0.1, inner_steps=2, loss_fn=CE)
-    batch = image_batch(torch.Generator().manual_seed(3), tasks=3)
-    out.put((rank, alg.exec_path(), flat_grad(alg, batch)))
-    dist.destroy_process_group()
-
-
-def test_auto_under_torchrun_splits_the_tasks_over_the_ranks():
-    """An initialised torch.distributed job (as torchrun makes): auto adds 'parallel', no process is forked."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = multiprocessing.get_context("fork")
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_torchrun_rank, args=(r, port, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = sorted(out.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(timeout=30)
-        assert p.exitcode == 0
-    ref = flat_grad(MAML(small_cnn(), inner_lr=0.1, inner_steps=2, loss_fn=CE, path="loop"),
-                    image_batch(torch.Generator().manual_seed(3), tasks=3))
-    for _rank, path, grad in results:
-        assert path == "loop+parallel"
-        assert rel_err(grad, ref) < 1e-12
+    del alg  # collected: its workers stop
+    assert distributed.worker_pids() == []
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -239,18 +213,16 @@ def test_conv4_relu_after_maxpool_is_the_paper_block_exactly(gen):
 
 def test_parallel_without_grad_runs_in_process(gen):
     model = MLP((1, 4, 1)).double()
-    f, params = core.functional(model), core.named_params(model)
     batch = Sinusoid(shots=3, query_shots=3, dtype=torch.float64).sample(4, gen)
-    with torch.no_grad():  # evaluation: no graph, so no processes are needed
-        losses, _ = core.query_losses(f, core.mse_loss, params, batch, sgd(0.1), 1, 1, "loop+parallel")
-    assert parallel.worker_pids() == []
-    ref, _ = core.query_losses(f, core.mse_loss, params, batch, sgd(0.1), 1, 1, "loop")
-    assert rel_err(losses, ref.detach()) < 1e-14
+    alg = MAML(model, inner_lr=0.1, order=1, path="loop+parallel")
+    losses, _ = alg.adaptation_curve(batch, 1)  # evaluation: no meta-gradient, so no processes are needed
+    assert distributed.worker_pids() == []
+    ref, _ = MAML(model, inner_lr=0.1, order=1, path="loop").adaptation_curve(batch, 1)
+    assert rel_err(losses, ref) < 1e-14
 
 
 def test_parallel_without_torchrun_refuses_a_batch_off_the_cpu():
-    model = MLP((1, 4, 1))
-    f, params = core.functional(model), core.named_params(model)
     meta = TaskBatch(*(torch.empty(2, 3, 1, device="meta") for _ in range(4)))
     with pytest.raises(ValueError, match="torchrun"):
-        core.query_losses(f, core.mse_loss, params, meta, sgd(0.1), 1, 2, "loop+parallel")
+        MAML(MLP((1, 4, 1)), inner_lr=0.1, path="loop+parallel").meta_gradient(meta)
+    assert distributed.worker_pids() == []

@@ -1,37 +1,115 @@
-"""The functional core: a model as a function of a parameter dict, the inner loop, the meta-loss.
+"""The functional core: task data, task losses, the adapter, and the one map over tasks.
 
-Every algorithm is built from four pieces defined here:
-`functional(model)` turns a module into `f(params, x)`; `inner_loop` takes `inner_steps` steps of an
-inner optimizer on one task's support set; `query_losses` adapts every task of a `TaskBatch` and
-returns the query losses `[tasks]`; `meta_backward` accumulates the meta-gradient of their mean with
-the execution path that is fastest on the device (a per-task loop or `torch.func.vmap`).
-
-An execution path is a base (`loop` or `vmap`) with options joined by `+`: `cl` (channels-last
-images and conv weights), `bf16` (bfloat16 autocast: faster, not exact), `parallel` (a process per
-core, each adapting a slice of the tasks: `metagrad.parallel`). `choose_path` turns `"auto"` (or a
-partial spec such as `"parallel"`) into a full one such as `"loop+parallel"`.
+Meta-learning here is function composition. A model is a pure function `f(params, x)` of a parameter
+dict (`functional(model)`). A task batch carries a support and a query part, each a pytree of
+tensors with a leading `[tasks]` dimension (`TaskBatch` for x and y, `Tasks` for anything else: a
+graph, trajectories, a client's local data). A task loss `task_loss(f, params, data) -> scalar`
+says what a task's data costs (`supervised(loss_fn)` builds one from `loss_fn(pred, target)`). An
+`Adapter` holds what travels together (model function, task loss, inner optimizer, steps, order):
+`adapt(params, support) -> adapted` and `evaluate(adapted, query) -> loss, metrics` are separate
+calls, so meta-RL can roll out the adapted policy between them. `map_tasks` runs any per-task
+function over a batch by an execution path (`metagrad.paths`): a loop, or vmap, with channels-last
+and bfloat16 options; nothing else in the library loops over tasks.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Sequence
+import dataclasses
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
+from torch.utils._pytree import tree_flatten, tree_map
 
-from metagrad.inner import InnerOptimizer
+from metagrad.inner import InnerOptimizer, masked
+from metagrad.paths import (  # noqa: F401 - re-exported: the core's public names for paths
+    BASES,
+    OPTIONS,
+    ExecPath,
+    _batch_statistics_bn,
+    choose_path,
+    has_native_batchnorm,
+    parse_path,
+    path_candidates,
+)
 
 Params = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
-Model = Callable[[Params, Tensor], Tensor]
-# "auto", "loop", "vmap", "parallel" or a base joined with options, e.g. "loop+cl+bf16" (module docstring).
+Model = Callable[[Params, Any], Tensor]
+TaskLoss = Callable[[Model, Params, Any], Tensor]
+# "auto", "loop", "vmap", "parallel" or a base joined with options, e.g. "loop+cl+bf16" (metagrad.paths).
 Path = str
-BASES = ("loop", "vmap")
-OPTIONS = ("cl", "bf16", "parallel")
+
+
+def task_count(tree: Any) -> int:
+    """The size of the leading `[tasks]` dimension shared by every tensor of a pytree."""
+    leaves = [t for t in tree_flatten(tree)[0] if isinstance(t, Tensor)]
+    if not leaves:
+        raise ValueError("task data must hold at least one tensor with a leading [tasks] dimension")
+    sizes = {t.shape[0] if t.dim() else None for t in leaves}
+    if len(sizes) != 1 or None in sizes:
+        raise ValueError(f"every tensor of the task data must have the same leading [tasks] dimension, "
+                         f"got shapes {[tuple(t.shape) for t in leaves]}")
+    return sizes.pop()
+
+
+def index_tasks(tree: Any, index: int | slice | Tensor) -> Any:
+    """The tasks `index` of a pytree with a leading `[tasks]` dimension (an int drops that dimension)."""
+    return tree_map(lambda t: t[index] if isinstance(t, Tensor) else t, tree)
+
+
+def _move(t: Any, args: tuple, kwargs: dict) -> Any:
+    if not isinstance(t, Tensor):
+        return t
+    if t.is_floating_point():
+        return t.to(*args, **kwargs)
+    kw = {k: v for k, v in kwargs.items() if k != "dtype"}
+    dev = [a for a in args if isinstance(a, (str, torch.device))]
+    return t.to(*dev, **kw)
+
+
+@dataclass(frozen=True)
+class Tasks:
+    """A meta-batch of tasks of any structure: `support` and `query` are pytrees of tensors, each with a
+    leading `[tasks]` dimension (a graph with its node features, trajectories, a client's data split)."""
+
+    support: Any
+    query: Any
+
+    def __post_init__(self) -> None:
+        s, q = task_count(self.support), task_count(self.query)
+        if s != q:
+            raise ValueError(f"Tasks.support has {s} tasks but Tasks.query has {q} (dim 0)")
+
+    @property
+    def n_tasks(self) -> int:
+        """Number of tasks in the batch."""
+        return task_count(self.support)
+
+    def __len__(self) -> int:
+        return self.n_tasks
+
+    def __getitem__(self, index: int | slice | Tensor) -> Tasks:
+        """Tasks selected along dim 0; an integer keeps the task dimension."""
+        if isinstance(index, int):
+            index = slice(index, index + 1 if index != -1 else None)
+        return Tasks(index_tasks(self.support, index), index_tasks(self.query, index))
+
+    def to(self, *args, **kwargs) -> Tasks:
+        """The batch moved or cast like `Tensor.to` (integer tensors keep their dtype)."""
+        return Tasks(tree_map(lambda t: _move(t, args, kwargs), self.support),
+                     tree_map(lambda t: _move(t, args, kwargs), self.query))
+
+    @staticmethod
+    def cat(batches: Sequence[Tasks]) -> Tasks:
+        """Concatenate batches along the task dimension."""
+        return Tasks(tree_map(lambda *t: torch.cat(t), *(b.support for b in batches)),
+                     tree_map(lambda *t: torch.cat(t), *(b.query for b in batches)))
 
 
 @dataclass(frozen=True)
@@ -94,6 +172,16 @@ class TaskBatch:
 
         return TaskBatch(*(move(t) for t in self.tensors()))
 
+    @property
+    def support(self) -> tuple[Tensor, Tensor]:
+        """The support part as task data: `(support_x [tasks, shots, ...], support_y)`."""
+        return self.support_x, self.support_y
+
+    @property
+    def query(self) -> tuple[Tensor, Tensor]:
+        """The query part as task data: `(query_x [tasks, query_shots, ...], query_y)`."""
+        return self.query_x, self.query_y
+
     def tensors(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(support_x, support_y, query_x, query_y)."""
         return self.support_x, self.support_y, self.query_x, self.query_y
@@ -104,9 +192,60 @@ class TaskBatch:
         return TaskBatch(*(torch.cat(ts) for ts in zip(*(b.tensors() for b in batches))))
 
 
+def check_shapes(pred: Tensor, target: Tensor, loss_name: str) -> None:
+    """A clear error where an elementwise loss would broadcast a prediction against a target of another shape."""
+    if pred.shape != target.shape:
+        raise ValueError(f"{loss_name}: the model's output has shape {tuple(pred.shape)} but the target has shape "
+                         f"{tuple(target.shape)}; they must be equal (broadcasting them would silently compare "
+                         "every output with every target)")
+
+
 def mse_loss(pred: Tensor, target: Tensor) -> Tensor:
-    """Mean squared error, the default loss (regression, as in the MAML paper)."""
+    """Mean squared error, the default loss (regression, as in the MAML paper); shapes must match."""
+    check_shapes(pred, target, "mse_loss")
     return F.mse_loss(pred, target)
+
+
+# Elementwise losses of torch that broadcast silently (with only a warning) when the shapes differ.
+_ELEMENTWISE = {F.mse_loss: "mse_loss", F.l1_loss: "l1_loss", F.smooth_l1_loss: "smooth_l1_loss",
+                F.huber_loss: "huber_loss", F.binary_cross_entropy_with_logits: "binary_cross_entropy_with_logits"}
+
+
+class SupervisedLoss:
+    """The task loss of x and y: `loss_fn(f(params, x), y)`; with integer labels, accuracy as a metric."""
+
+    def __init__(self, loss_fn: LossFn) -> None:
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable as loss_fn(pred, target), got {type(loss_fn).__name__}")
+        self.loss_fn = loss_fn
+
+    def _loss(self, pred: Tensor, y: Tensor) -> Tensor:
+        name = _ELEMENTWISE.get(self.loss_fn)
+        if name is not None:
+            check_shapes(pred, y, name)
+        return self.loss_fn(pred, y)
+
+    def __call__(self, f: Model, params: Params, data: tuple[Tensor, Tensor]) -> Tensor:
+        x, y = data
+        return self._loss(f(params, x), y)
+
+    def with_metrics(self, f: Model, params: Params, data: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The loss and, for integer labels, the accuracy, from one forward pass."""
+        x, y = data
+        out = f(params, x)
+        metrics = {} if y.is_floating_point() else {"accuracy": (out.argmax(-1) == y).to(out.dtype).mean().detach()}
+        return self._loss(out, y), metrics
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SupervisedLoss) and other.loss_fn is self.loss_fn
+
+    def __hash__(self) -> int:
+        return hash(self.loss_fn)
+
+
+def supervised(loss_fn: LossFn = mse_loss) -> SupervisedLoss:
+    """A task loss for task data `(x, y)` from a loss of predictions and targets (MSE by default)."""
+    return loss_fn if isinstance(loss_fn, SupervisedLoss) else SupervisedLoss(loss_fn)
 
 
 def functional(model: nn.Module) -> Model:
@@ -145,10 +284,6 @@ class WrittenOutBatchNorm(nn.Module):
         return batch_norm(x, self.weight, self.bias, self.eps)
 
 
-def _batch_statistics_bn(m: nn.Module) -> bool:
-    return isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None
-
-
 def _written_out(module: nn.Module) -> nn.Module:
     """The module with every batch-statistics BatchNorm written out; shares all parameters and buffers."""
     if _batch_statistics_bn(module):
@@ -178,152 +313,16 @@ def for_vmap(f: Model) -> Model:
     return g
 
 
+
+
 def named_params(model: nn.Module) -> Params:
     """The trainable parameters of a module, as `named_parameters()` gives them."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _grads(
-    f: Model, loss_fn: LossFn, params: Params, x: Tensor, y: Tensor, names: Sequence[str],
-    create_graph: bool, vmapped: bool,
-) -> tuple[Tensor, Params]:
-    """Loss at `params` and its gradient with respect to `params[names]`."""
-    if vmapped:
-        # torch.autograd.grad cannot run under vmap; torch.func.grad can, and composes with the
-        # outer autograd graph for second order.
-        def loss_of(sub: Params) -> tuple[Tensor, Tensor]:
-            loss = loss_fn(f({**params, **sub}, x), y)
-            return loss, loss
-
-        sub = {n: params[n] for n in names}
-        if not create_graph:
-            sub = {n: p.detach() for n, p in sub.items()}
-        g, loss = torch.func.grad(loss_of, has_aux=True)(sub)
-        if not create_graph:
-            g = {n: t.detach() for n, t in g.items()}
-        return loss, g
-    if not create_graph or not all(params[n].requires_grad for n in names):
-        # First order (or no graph to the start, e.g. under no_grad): differentiate a detached copy.
-        params = {n: (p.detach().requires_grad_(True) if n in names else p.detach())
-                  for n, p in params.items()}
-        create_graph = False
-    loss = loss_fn(f(params, x), y)
-    g = torch.autograd.grad(loss, [params[n] for n in names], create_graph=create_graph)
-    return loss, dict(zip(names, g))
-
-
-def inner_step(
-    f: Model, loss_fn: LossFn, params: Params, state: object, x: Tensor, y: Tensor,
-    opt: InnerOptimizer, step: int, order: int, names: Sequence[str] | None = None,
-    vmapped: bool = False,
-) -> tuple[Params, object, Tensor]:
-    """One inner-optimizer step on `(x, y)`: returns new params, new state and the pre-step loss.
-
-    `order=2` keeps the graph of the gradient (exact MAML), `order=1` treats the gradient as a
-    constant (first-order MAML), `order=0` keeps no graph to the starting point at all (meta-test).
-    """
-    names = list(params) if names is None else list(names)
-    # Inner steps need gradients even when the caller is under no_grad (evaluation, finite differences).
-    with torch.enable_grad():
-        loss, g = _grads(f, loss_fn, params, x, y, names, create_graph=order >= 2, vmapped=vmapped)
-        sub = {n: params[n] for n in names}
-        updates, state = opt.update(g, state, sub, step)
-        new = dict(params)
-        for n in names:
-            new[n] = params[n] + updates[n]
-    if order == 0:
-        new = {n: p.detach() for n, p in new.items()}
-    return new, state, loss
-
-
-def inner_loop(
-    f: Model, loss_fn: LossFn, params: Params, x: Tensor, y: Tensor, opt: InnerOptimizer,
-    steps: int, order: int = 2, names: Sequence[str] | None = None, vmapped: bool = False,
-) -> list[Params]:
-    """`steps` inner steps on one task's support set `x [shots, ...]`; returns params after 0..steps."""
-    if order == 0:
-        params = {n: p.detach() for n, p in params.items()}
-    state = opt.init({n: params[n] for n in (params if names is None else names)})
-    trajectory = [params]
-    for k in range(steps):
-        params, state, _ = inner_step(f, loss_fn, params, state, x, y, opt, k, order, names, vmapped)
-        trajectory.append(params)
-    return trajectory
-
-
-def has_native_batchnorm(model: nn.Module) -> bool:
-    """True if the model uses a torch BatchNorm that `for_vmap` cannot write out (one with running
-    statistics): its second-order gradient is wrong under vmap."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not _batch_statistics_bn(m)
-               for m in model.modules())
-
-
-def parse_path(path: str) -> tuple[str, frozenset[str]]:
-    """The base (`auto`, `loop` or `vmap`) and the set of options of a path spec like `"loop+cl+bf16"`."""
-    if not isinstance(path, str):
-        raise TypeError(f"path must be a string such as 'auto', 'loop' or 'loop+bf16', got {type(path).__name__}")
-    tokens = path.split("+")
-    bases = [t for t in tokens if t in ("auto",) + BASES]
-    options = frozenset(t for t in tokens if t in OPTIONS)
-    unknown = [t for t in tokens if t not in ("auto",) + BASES + OPTIONS]
-    if unknown or len(bases) > 1 or len(bases) + len(options) != len(tokens):
-        raise ValueError(f"path must be 'auto', 'loop' or 'vmap', optionally joined with options {OPTIONS} "
-                         f"by '+' (e.g. 'loop+cl+bf16', 'parallel'), each at most once; got {path!r}")
-    return (bases[0] if bases else "auto"), options
-
-
-def _distributed_world() -> int:
-    """World size of an already initialised torch.distributed job (torchrun), else 1."""
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def choose_path(model: nn.Module, order: int, device: torch.device, path: Path = "auto") -> str:
-    """The execution path for the meta-batch: the measured fastest one that is also exact.
-
-    On CPU a per-task loop is the rule for conv nets and vmap for MLPs (one batched kernel per
-    layer instead of a Python loop); for conv nets on CPU the winner depends on the workload
-    (few images per task favour vmap), so `path_candidates` offers both and the algorithm times
-    them on its first meta-batches (`Algorithm.meta_backward`). Channels-last was slower than the
-    default layout for the conv nets measured (benchmarks/README.md). vmap at order 2 is refused
-    over a BatchNorm with running statistics (a torch.func bug gives a wrong second-order gradient,
-    ../shared/notes/peers.md; one on batch statistics is written out by `for_vmap`). `auto` adds
-    `parallel` only under an initialised torch.distributed job (torchrun: every rank takes its
-    slice) and never adds `bf16`, which changes the numbers: both are the user's choice otherwise.
-    """
-    base, options = parse_path(path)
-    vmap_ok = not (order >= 2 and has_native_batchnorm(model))
-    if base == "vmap" and not vmap_ok:
-        raise ValueError(
-            "path='vmap' with order=2 is refused for models with a torch BatchNorm that tracks running "
-            "statistics: torch.func.vmap gives a wrong second-order gradient there (torch 2.13). Use "
-            "path='loop', BatchNorm with track_running_stats=False, or metagrad.models.TaskBatchNorm."
-        )
-    if base == "auto":
-        convs = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
-        base = "vmap" if vmap_ok and (device.type == "cuda" or not convs) else "loop"
-        if path == "auto" and _distributed_world() > 1:
-            options = options | {"parallel"}
-    if "bf16" in options and device.type not in ("cpu", "cuda"):
-        raise ValueError(f"path option 'bf16' needs a CPU or CUDA device, the model is on {device}")
-    return "+".join([base] + [o for o in OPTIONS if o in options])
-
-
-def path_candidates(model: nn.Module, order: int, device: torch.device, path: Path = "auto") -> list[str]:
-    """The exact paths worth timing for this model: `choose_path`'s, plus vmap for an `auto` conv net
-    on CPU (workload-dependent there); one path wherever the rule is clear."""
-    chosen = choose_path(model, order, device, path)
-    base, options = parse_path(chosen)
-    if parse_path(path)[0] != "auto" or device.type != "cpu" or base != "loop" or "parallel" in options \
-            or (order >= 2 and has_native_batchnorm(model)):
-        return [chosen]
-    return [chosen, "+".join(["vmap"] + [o for o in OPTIONS if o in options])]
-
-
 def with_options(f: Model, options: frozenset[str] | set[str]) -> Model:
     """`f` run in channels-last layout (`cl`) and/or under bfloat16 autocast (`bf16`); output in the input's dtype."""
-    if not options & {"cl", "bf16"}:
+    if not set(options) & {"cl", "bf16"}:
         return f
 
     def g(params: Params, x: Tensor) -> Tensor:
@@ -338,58 +337,180 @@ def with_options(f: Model, options: frozenset[str] | set[str]) -> Model:
     return g
 
 
+@dataclass(frozen=True)
+class Adapter:
+    """What adapting to a task needs, travelling together: the model function, the task loss, the inner
+    optimizer (a `masked` one adapts some parameters only), the steps, the order, and the path it runs on.
+
+    `order=2` keeps the graph of every inner gradient (exact MAML), `order=1` treats the inner gradients
+    as constants (first-order MAML), `order=0` keeps no graph to the start at all (meta-test).
+    """
+
+    f: Model
+    task_loss: TaskLoss
+    inner_opt: InnerOptimizer
+    steps: int = 1
+    order: int = 2
+    path: ExecPath = ExecPath("loop")
+
+    def __post_init__(self) -> None:
+        if self.order not in (0, 1, 2):
+            raise ValueError(f"order must be 0 (no graph), 1 (first order) or 2 (exact), got {self.order!r}")
+        if int(self.steps) != self.steps or self.steps < 0:
+            raise ValueError(f"steps must be a non-negative integer, got {self.steps!r}")
+
+    def replace(self, **changes: Any) -> Adapter:
+        """A copy with some fields changed (e.g. `steps` at meta-test, `order=0`)."""
+        return dataclasses.replace(self, **changes)
+
+    def on(self, path: str | ExecPath) -> Adapter:
+        """This adapter on `path`: the model written out for vmap where needed, with the path's options."""
+        path = ExecPath.parse(path)
+        if not path.resolved:
+            raise ValueError(f"an adapter runs on a resolved path such as 'loop' or 'vmap+bf16', got {path}")
+        f = for_vmap(self.f) if path.base == "vmap" else self.f
+        return self.replace(f=with_options(f, path.options), path=path)
+
+    @property
+    def vmapped(self) -> bool:
+        """True when the adapter runs inside `vmap` (one task's slice of a batched call)."""
+        return self.path.base == "vmap"
+
+    def _layout(self, params: Params) -> Params:
+        if not self.path.cl:
+            return params
+        # Conv weights in the images' layout, so that the convolutions need no conversion per call.
+        return {n: p.contiguous(memory_format=torch.channels_last) if p.dim() == 4 else p for n, p in params.items()}
+
+    def loss(self, params: Params, data: Any) -> Tensor:
+        """The task loss of `params` on one task's `data`."""
+        return self.task_loss(self.f, params, data)
+
+    def gradient(self, params: Params, data: Any, create_graph: bool) -> tuple[Tensor, Params]:
+        """Loss at `params` and its gradient with respect to the parameters the inner optimizer adapts."""
+        names = list(self.inner_opt.select(params))
+        if self.vmapped:
+            # torch.autograd.grad cannot run under vmap; torch.func.grad can, and composes with the
+            # outer autograd graph for second order.
+            def loss_of(sub: Params) -> tuple[Tensor, Tensor]:
+                loss = self.loss({**params, **sub}, data)
+                return loss, loss
+
+            sub = {n: params[n] for n in names}
+            if not create_graph:
+                sub = {n: p.detach() for n, p in sub.items()}
+            g, loss = torch.func.grad(loss_of, has_aux=True)(sub)
+            if not create_graph:
+                g = {n: t.detach() for n, t in g.items()}
+            return loss, g
+        if not create_graph or not all(params[n].requires_grad for n in names):
+            # First order (or no graph to the start, e.g. under no_grad): differentiate a detached copy.
+            params = {n: (p.detach().requires_grad_(True) if n in names else p.detach())
+                      for n, p in params.items()}
+            create_graph = False
+        loss = self.loss(params, data)
+        g = torch.autograd.grad(loss, [params[n] for n in names], create_graph=create_graph)
+        return loss, dict(zip(names, g))
+
+    def step(self, params: Params, state: object, data: Any) -> tuple[Params, object, Tensor]:
+        """One inner-optimizer step on one task's `data`: new params, new state and the pre-step loss."""
+        # Inner steps need gradients even when the caller is under no_grad (evaluation, finite differences).
+        with torch.enable_grad():
+            loss, g = self.gradient(params, data, create_graph=self.order >= 2)
+            updates, state = self.inner_opt.update(g, state, {n: params[n] for n in g})
+            new = dict(params)
+            for n in g:
+                new[n] = params[n] + updates[n]
+        if self.order == 0:
+            new = {n: p.detach() for n, p in new.items()}
+        return new, state, loss
+
+    def init(self, params: Params) -> object:
+        """The inner optimizer's state at the start of adaptation."""
+        return self.inner_opt.init(self.inner_opt.select(params))
+
+    def trajectory(self, params: Params, support: Any) -> list[Params]:
+        """One task's parameters after 0..`steps` inner steps on its `support` data."""
+        params = self._layout({n: p.detach() for n, p in params.items()} if self.order == 0 else params)
+        state = self.init(params)
+        trajectory = [params]
+        for _ in range(self.steps):
+            params, state, _ = self.step(params, state, support)
+            trajectory.append(params)
+        return trajectory
+
+    def adapt(self, params: Params, support: Any) -> Params:
+        """One task's adapted parameters after `steps` inner steps on its `support` data."""
+        return self.trajectory(params, support)[-1]
+
+    def evaluate(self, adapted: Params, query: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        """One task's query loss at `adapted` and its metrics (accuracy for integer labels)."""
+        adapted = self._layout(adapted)
+        with_metrics = getattr(self.task_loss, "with_metrics", None)
+        if with_metrics is not None:
+            return with_metrics(self.f, adapted, query)
+        return self.loss(adapted, query), {}
+
+
+def map_tasks(fn: Callable[..., Any], adapter: Adapter, path: str | ExecPath, *data: Any) -> Any:
+    """`fn(adapter_on_path, *one_task's_data)` for every task of `data` (pytrees `[tasks, ...]`), stacked.
+
+    The one map over tasks: `loop` calls `fn` task by task, `vmap` once under `torch.func.vmap` (task
+    data and outputs batched along dim 0); the path's options reach `fn` through the adapter it gets.
+    Returns `fn`'s output pytree with a leading `[tasks]` dimension on every tensor.
+    """
+    path = ExecPath.parse(path)
+    if not path.resolved:
+        raise ValueError(f"map_tasks needs a resolved path such as 'loop' or 'vmap+bf16', got {path}; "
+                         "use metagrad.paths.choose_path")
+    on = adapter.on(path.replace(parallel=False))
+    if path.base == "vmap":
+        return vmap(lambda *d: fn(on, *d), randomness="different")(*data)
+    n = task_count(data)
+    outs = [fn(on, *index_tasks(data, i)) for i in range(n)]
+    return tree_map(lambda *xs: torch.stack(xs), *outs)
+
+
+def adapt_and_evaluate(on: Adapter, params: Params, support: Any, query: Any,
+                       all_steps: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+    """One task: adapt on `support`, evaluate on `query`: loss `[]` and metrics (`[steps+1]` with `all_steps`)."""
+    if not all_steps:
+        return on.evaluate(on.adapt(params, support), query)
+    outs = [on.evaluate(p, query) for p in on.trajectory(params, support)]
+    return torch.stack([o[0] for o in outs]), tree_map(lambda *xs: torch.stack(xs), *[o[1] for o in outs])
+
+
+# -- the first core's functions, kept for its users; each is one call of the adapter ----------------------
+def _adapter(f: Model, loss_fn: LossFn, opt: InnerOptimizer, steps: int, order: int,
+             names: Sequence[str] | None) -> Adapter:
+    return Adapter(f, supervised(loss_fn), masked(opt, names) if names is not None else opt, steps, order)
+
+
+def inner_loop(
+    f: Model, loss_fn: LossFn, params: Params, x: Tensor, y: Tensor, opt: InnerOptimizer,
+    steps: int, order: int = 2, names: Sequence[str] | None = None, vmapped: bool = False,
+) -> list[Params]:
+    """`steps` inner steps on one task's support set `x [shots, ...]`; returns params after 0..steps
+    (`Adapter.trajectory` with a supervised task loss; `names` masks the inner optimizer)."""
+    ad = _adapter(f, loss_fn, opt, steps, order, names)
+    return ad.replace(path=ExecPath("vmap" if vmapped else "loop")).trajectory(params, (x, y))
+
+
 def query_losses(
     f: Model, loss_fn: LossFn, params: Params, batch: TaskBatch, opt: InnerOptimizer, steps: int,
     order: int, path: str, names: Sequence[str] | None = None, all_steps: bool = False,
 ) -> tuple[Tensor, Tensor | None]:
     """Adapt each task on its support set and return query losses `[tasks]` (or `[tasks, steps+1]`
     with `all_steps`) and, for integer labels, query accuracies of the same shape."""
-    base, options = parse_path(path)
-    if base == "auto":
-        raise ValueError("query_losses needs a resolved path such as 'loop' or 'vmap+bf16'; use choose_path")
-    if "parallel" in options and order >= 1 and torch.is_grad_enabled():
-        from metagrad import parallel
-
-        return parallel.query_losses(f, loss_fn, params, batch, opt, steps, order, base, options - {"parallel"},
-                                     names, all_steps)
-    f = with_options(for_vmap(f) if base == "vmap" else f, options)
-    if "cl" in options:
-        # Conv weights in the images' layout, so that the convolutions need no conversion per call.
-        params = {n: p.contiguous(memory_format=torch.channels_last) if p.dim() == 4 else p for n, p in params.items()}
-    classify = not batch.query_y.is_floating_point()
-
-    def one_task(p: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, vmapped: bool):
-        traj = inner_loop(f, loss_fn, p, sx, sy, opt, steps, order, names, vmapped)
-        chosen = traj if all_steps else traj[-1:]
-        losses, accs = [], []
-        for q in chosen:
-            out = f(q, qx)
-            losses.append(loss_fn(out, qy))
-            if classify:
-                accs.append((out.argmax(-1) == qy).float().mean())
-        acc = torch.stack(accs) if classify else torch.zeros(len(chosen), device=qx.device)
-        return torch.stack(losses), acc
-
-    if base == "vmap":
-        losses, accs = vmap(lambda *a: one_task(params, *a, vmapped=True), randomness="different")(
-            *batch.tensors()
-        )
-    else:
-        outs = [one_task(params, *(t[i] for t in batch.tensors()), vmapped=False) for i in range(len(batch))]
-        losses = torch.stack([o[0] for o in outs])
-        accs = torch.stack([o[1] for o in outs])
-    if not all_steps:
-        losses, accs = losses[:, 0], accs[:, 0]
-    return losses, (accs.detach() if classify else None)
-
-
-def chunks(batch: TaskBatch, path: str, chunk_size: int | None = None) -> Iterable[TaskBatch]:
-    """Slices of the batch to back-propagate one at a time (memory: one task's graph for the loop);
-    vmap and parallel paths take the batch whole (parallel: each process then holds its slice's graphs)."""
-    base, options = parse_path(path)
-    size = chunk_size or (len(batch) if base == "vmap" or "parallel" in options else 1)
-    for start in range(0, len(batch), size):
-        yield batch[start:start + size]
+    p = ExecPath.parse(path)
+    if p.parallel:
+        raise ValueError("path option 'parallel' shards a meta-batch over processes at the meta-gradient "
+                         "(Algorithm.meta_gradient, or a torchrun job); query_losses runs in this process: "
+                         "pass the path without it")
+    losses, metrics = map_tasks(lambda on, s, q: adapt_and_evaluate(on, params, s, q, all_steps),
+                                _adapter(f, loss_fn, opt, steps, order, names), p, batch.support, batch.query)
+    acc = metrics.get("accuracy")
+    return losses, (acc.detach() if acc is not None else None)
 
 
 def check_finite(value: Tensor, what: str) -> None:

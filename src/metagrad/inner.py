@@ -1,7 +1,11 @@
 """Inner optimizers as pure `(init, update)` pairs, in the style of optax.
 
-`init(params) -> state`; `update(grads, state, params, step) -> (updates, state)`; the inner loop
-applies `params + updates`. Learned quantities (Meta-SGD's per-parameter rates, MAML++'s
+`init(params) -> state`; `update(grads, state, params) -> (updates, state)`; the inner loop applies
+`params + updates`. A transformation whose update depends on the step (Adam's bias correction,
+MAML++'s per-step rates) keeps the step count in its state, as optax does (a Python int: the same
+for every task, so a vmapped inner loop needs no batched counter); `update(..., step=k)` overrides
+it. `chain` composes transformations left to right and `masked(opt, names)` adapts only the named
+parameters: ANIL's head-only inner loop is a mask. Learned quantities (Meta-SGD's per-parameter rates, MAML++'s
 per-layer-per-step rates, a learned optimizer's weights) live in `meta_params`: tensors that the
 outer optimizer trains together with the model, and through which the meta-gradient flows
 because `update` uses them differentiably.
@@ -10,7 +14,7 @@ because `update` uses them differentiably.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -21,12 +25,61 @@ Params = dict[str, Tensor]
 
 @dataclass
 class InnerOptimizer:
-    """A pair of pure functions and the learnable tensors they read."""
+    """A pair of pure functions and the learnable tensors they read.
+
+    `init(params) -> state`, `update(grads, state, params, step=None) -> (updates, state)`. `adapts`
+    names the parameters the optimizer updates (None: all of them); the inner loop differentiates
+    only those and leaves the others at the start.
+    """
 
     init: Callable[[Params], object]
-    update: Callable[[Params, object, Params, int], tuple[Params, object]]
+    update: Callable[..., tuple[Params, object]]
     meta_params: nn.ParameterDict = field(default_factory=nn.ParameterDict)
     name: str = "custom"
+    adapts: tuple[str, ...] | None = None
+
+    def select(self, params: Params) -> Params:
+        """The parameters this optimizer adapts, in `params`' order."""
+        return dict(params) if self.adapts is None else {n: p for n, p in params.items() if n in self.adapts}
+
+
+def _count(state: int, step: int | None) -> int:
+    return state if step is None else int(step)
+
+
+def chain(*opts: InnerOptimizer) -> InnerOptimizer:
+    """The transformations applied left to right (optax.chain): each one's updates are the next one's grads."""
+    if not opts:
+        raise ValueError("chain needs at least one inner optimizer")
+    meta = nn.ParameterDict()
+    for i, o in enumerate(opts):
+        for k, v in o.meta_params.items():
+            meta[f"{i}_{k}" if k in meta else k] = v
+
+    def init(params: Params) -> object:
+        return tuple(o.init(params) for o in opts)
+
+    def update(grads: Params, state: object, params: Params, step: int | None = None) -> tuple[Params, object]:
+        new = []
+        for o, s in zip(opts, state):
+            grads, s = o.update(grads, s, params, step)
+            new.append(s)
+        return grads, tuple(new)
+
+    masks = [set(o.adapts) for o in opts if o.adapts is not None]
+    adapts = None if not masks else tuple(n for n in (opts[0].adapts or sorted(set.intersection(*masks)))
+                                          if all(n in m for m in masks))
+    return InnerOptimizer(init, update, meta, name="+".join(o.name for o in opts), adapts=adapts)
+
+
+def masked(opt: InnerOptimizer, names: Sequence[str]) -> InnerOptimizer:
+    """`opt` restricted to the parameters `names` (optax.masked); the others stay at the start (ANIL's head)."""
+    names = tuple(names)
+    if not names:
+        raise ValueError("masked needs at least one parameter name")
+    if opt.adapts is not None:
+        names = tuple(n for n in names if n in opt.adapts)
+    return InnerOptimizer(opt.init, opt.update, opt.meta_params, name=opt.name, adapts=names)
 
 
 def _key(name: str) -> str:
@@ -36,7 +89,7 @@ def _key(name: str) -> str:
 
 def sgd(lr: float) -> InnerOptimizer:
     """Plain gradient descent with a fixed rate: the inner loop of MAML."""
-    def update(grads: Params, state: object, params: Params, step: int) -> tuple[Params, object]:
+    def update(grads: Params, state: object, params: Params, step: int | None = None) -> tuple[Params, object]:
         return {n: -lr * g for n, g in grads.items()}, state
 
     return InnerOptimizer(lambda params: None, update, nn.ParameterDict(), name="sgd")
@@ -47,7 +100,7 @@ def per_parameter_lr(params: Params, init_lr: float) -> InnerOptimizer:
     rates = nn.ParameterDict({_key(n): nn.Parameter(torch.full_like(p.detach(), init_lr))
                               for n, p in params.items()})
 
-    def update(grads: Params, state: object, params: Params, step: int) -> tuple[Params, object]:
+    def update(grads: Params, state: object, params: Params, step: int | None = None) -> tuple[Params, object]:
         return {n: -rates[_key(n)] * g for n, g in grads.items()}, state
 
     return InnerOptimizer(lambda params: None, update, rates, name="per_parameter_lr")
@@ -59,11 +112,12 @@ def per_layer_per_step_lr(params: Params, init_lr: float, steps: int) -> InnerOp
                                                                  dtype=p.dtype, device=p.device))
                               for n, p in params.items()})
 
-    def update(grads: Params, state: object, params: Params, step: int) -> tuple[Params, object]:
+    def update(grads: Params, count: int, params: Params, step: int | None = None) -> tuple[Params, int]:
+        k = _count(count, step)
         # Evaluation may run more steps than were meta-trained: keep using the last learned rate.
-        return {n: -rates[_key(n)][min(step, steps - 1)] * g for n, g in grads.items()}, state
+        return {n: -rates[_key(n)][min(k, steps - 1)] * g for n, g in grads.items()}, k + 1
 
-    return InnerOptimizer(lambda params: None, update, rates, name="per_layer_per_step_lr")
+    return InnerOptimizer(lambda params: 0, update, rates, name="per_layer_per_step_lr")
 
 
 def with_l2(opt: InnerOptimizer, strength: float) -> InnerOptimizer:
@@ -71,13 +125,13 @@ def with_l2(opt: InnerOptimizer, strength: float) -> InnerOptimizer:
     def init(params: Params) -> object:
         return ({n: p for n, p in params.items()}, opt.init(params))
 
-    def update(grads: Params, state: object, params: Params, step: int) -> tuple[Params, object]:
+    def update(grads: Params, state: object, params: Params, step: int | None = None) -> tuple[Params, object]:
         start, inner = state
         grads = {n: g + strength * (params[n] - start[n]) for n, g in grads.items()}
         updates, inner = opt.update(grads, inner, params, step)
         return updates, (start, inner)
 
-    return InnerOptimizer(init, update, opt.meta_params, name=f"{opt.name}+l2")
+    return InnerOptimizer(init, update, opt.meta_params, name=f"{opt.name}+l2", adapts=opt.adapts)
 
 
 def adam(lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> InnerOptimizer:
@@ -85,16 +139,17 @@ def adam(lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
     b1, b2 = betas
 
     def init(params: Params) -> object:
-        return ({n: torch.zeros_like(p) for n, p in params.items()},
+        return (0, {n: torch.zeros_like(p) for n, p in params.items()},
                 {n: torch.zeros_like(p) for n, p in params.items()})
 
-    def update(grads: Params, state: object, params: Params, step: int) -> tuple[Params, object]:
-        m, v = state
+    def update(grads: Params, state: object, params: Params, step: int | None = None) -> tuple[Params, object]:
+        count, m, v = state
+        k = _count(count, step)
         m = {n: b1 * m[n] + (1 - b1) * g for n, g in grads.items()}
         v = {n: b2 * v[n] + (1 - b2) * g * g for n, g in grads.items()}
-        c1, c2 = 1 - b1 ** (step + 1), 1 - b2 ** (step + 1)
+        c1, c2 = 1 - b1 ** (k + 1), 1 - b2 ** (k + 1)
         # eps inside the square root keeps the update differentiable at a zero gradient (sqrt'(0) = inf).
-        return {n: -lr * (m[n] / c1) / torch.sqrt(v[n] / c2 + eps * eps) for n in grads}, (m, v)
+        return {n: -lr * (m[n] / c1) / torch.sqrt(v[n] / c2 + eps * eps) for n in grads}, (k + 1, m, v)
 
     return InnerOptimizer(init, update, nn.ParameterDict(), name="adam")
 
@@ -160,7 +215,7 @@ def learned_lstm(
         zeros = torch.zeros(layers, n, hidden, dtype=ref.dtype, device=ref.device)
         return zeros, zeros.clone()
 
-    def update(grads: Params, state: object, params: Params, step: int) -> tuple[Params, object]:
+    def update(grads: Params, state: object, params: Params, step: int | None = None) -> tuple[Params, object]:
         h_all, c_all = state
         g = torch.cat([t.reshape(-1) for t in grads.values()])  # [N]: all coordinates in one LSTM batch
         x = preprocess_gradient(g, p)

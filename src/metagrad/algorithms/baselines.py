@@ -12,17 +12,13 @@ OptimumAverage (the average of the tasks' own optima):
 
 from __future__ import annotations
 
-import torch
+from typing import Any
+
 from torch import Tensor, nn
 
-from metagrad.algorithms.base import Algorithm, check_steps
-from metagrad.core import LossFn, Path, TaskBatch
+from metagrad.algorithms.base import Algorithm, check_steps, pooled
+from metagrad.core import ExecPath, LossFn, Path
 from metagrad.inner import InnerOptimizer
-
-
-def _pooled(batch: TaskBatch) -> tuple[Tensor, Tensor]:
-    """All of each task's data: x, y `[tasks, shots + query_shots, ...]`."""
-    return torch.cat([batch.support_x, batch.query_x], dim=1), torch.cat([batch.support_y, batch.query_y], dim=1)
 
 
 def _first_order_only(name: str, order: int) -> None:
@@ -47,11 +43,11 @@ class Pretrain(Algorithm):
         _first_order_only("Pretrain", order)
         super().__init__(model, inner_lr, inner_steps, order, loss_fn, inner_opt, path, eval_steps=eval_steps)
 
-    def _meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
-        x, y = _pooled(batch)
+    def objective(self, batch: Any, iteration: int, path: ExecPath) -> tuple[Tensor, dict[str, Tensor]]:
+        data = pooled(batch)
         theta = self.params()
         stacked = {n: p.expand(len(batch), *p.shape) for n, p in theta.items()}  # the same theta for every task
-        return self.task_losses(stacked, x, y).mean(), {}
+        return self.task_losses(stacked, data, path).mean(), {}
 
 
 class OptimumAverage(Algorithm):
@@ -73,12 +69,12 @@ class OptimumAverage(Algorithm):
         super().__init__(model, inner_lr, inner_steps, order, loss_fn, inner_opt, path, eval_steps=eval_steps)
         self.fit_steps = check_steps(fit_steps=fit_steps)
 
-    def _meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
-        x, y = _pooled(batch)
-        optima = self.fit_tasks(x, y, self.fit_steps)  # phi_i*, each [tasks, *param.shape]
+    def objective(self, batch: Any, iteration: int, path: ExecPath) -> tuple[Tensor, dict[str, Tensor]]:
+        data = pooled(batch)
+        optima = self.fit_tasks(data, self.fit_steps, path)  # phi_i*, each [tasks, *param.shape]
         theta = self.params()
         direction = {n: (theta[n] - optima[n].mean(0)).detach() for n in theta}
         # Surrogate: value = loss of each optimum on its task's data, gradient = theta - mean_i phi_i*.
-        value = self.task_losses(optima, x, y).mean().detach()
+        value = self.task_losses(optima, data, path).mean().detach()
         surrogate = sum((theta[n] * direction[n]).sum() for n in theta)
         return value + surrogate - surrogate.detach(), {}

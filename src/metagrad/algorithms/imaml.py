@@ -21,13 +21,15 @@ drops the Hessian (v_i = g_i: first-order iMAML). Meta-test adapts with the same
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import grad, vjp, vmap
+from torch.func import grad, vjp
 
+from metagrad import core
 from metagrad.algorithms.base import Algorithm, check_steps
-from metagrad.core import LossFn, Params, Path, TaskBatch, for_vmap, inner_loop, parse_path
+from metagrad.core import Adapter, ExecPath, LossFn, Params, Path
 from metagrad.inner import sgd, with_l2
 
 
@@ -84,21 +86,14 @@ class IMAML(Algorithm):
         self.cg_steps = check_steps(cg_steps=cg_steps)
         self.cg_damping = float(cg_damping)
 
-    def _task(self, theta: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor,
-              vmapped: bool) -> tuple[Tensor, Params]:
-        """Query loss at phi and the implicit meta-gradient v of one task (`sx [shots, ...]`)."""
-        f = for_vmap(self.f) if vmapped else self.f
-        phi = inner_loop(f, self.loss_fn, theta, sx, sy, self.inner_opt, self.inner_steps, order=0,
-                         vmapped=vmapped)[-1]
-
-        def loss_on(x: Tensor, y: Tensor) -> Callable[[Params], Tensor]:
-            return lambda p: self.loss_fn(f(p, x), y)
-
-        g, query_loss = grad(lambda p: (loss_on(qx, qy)(p),) * 2, has_aux=True)(phi)
+    def _task(self, on: Adapter, theta: Params, support: Any, query: Any) -> tuple[Tensor, Params]:
+        """Query loss at phi and the implicit meta-gradient v of one task."""
+        phi = on.adapt(theta, support)  # the adapter's order is 0: no graph to theta
+        g, query_loss = grad(lambda p: (on.loss(p, query),) * 2, has_aux=True)(phi)
         if self.order == 1:
             return query_loss, g
         # One backward graph of grad L_support at phi, reused by every Hessian-vector product (H is symmetric).
-        _, hvp = vjp(grad(loss_on(sx, sy)), phi)
+        _, hvp = vjp(grad(lambda p: on.loss(p, support)), phi)
 
         def matvec(v: Params) -> Params:
             hv = hvp(v)[0]
@@ -106,16 +101,11 @@ class IMAML(Algorithm):
 
         return query_loss, conjugate_gradient(matvec, g, self.cg_steps)
 
-    def _meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
+    def objective(self, batch: Any, iteration: int, path: ExecPath) -> tuple[Tensor, dict[str, Tensor]]:
         theta = self.params()
         detached = {n: p.detach() for n, p in theta.items()}
-        if parse_path(self.exec_path())[0] == "vmap":
-            losses, v = vmap(lambda *t: self._task(detached, *t, vmapped=True), randomness="different")(
-                *batch.tensors())
-        else:
-            outs = [self._task(detached, *(t[i] for t in batch.tensors()), vmapped=False) for i in range(len(batch))]
-            losses = torch.stack([o[0] for o in outs])
-            v = {n: torch.stack([o[1][n] for o in outs]) for n in theta}
+        losses, v = core.map_tasks(lambda on, s, q: self._task(on, detached, s, q), self.adapter(order=0), path,
+                                   batch.support, batch.query)
         direction = {n: v[n].mean(0).detach() for n in theta}  # mean_i v_i
         # Surrogate: value = mean query loss after adaptation, gradient with respect to theta = mean_i v_i.
         surrogate = sum((theta[n] * direction[n]).sum() for n in theta)

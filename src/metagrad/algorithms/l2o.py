@@ -23,12 +23,11 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import vmap
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
-from metagrad import core
+from metagrad import core, distributed
 from metagrad.algorithms.base import Algorithm
-from metagrad.core import LossFn, Params, Path, TaskBatch
+from metagrad.core import Adapter, ExecPath, LossFn, Params, Path
 from metagrad.inner import InnerOptimizer, learned_lstm
 
 
@@ -37,12 +36,11 @@ def detach_state(tree: Any) -> Any:
     return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, tree)
 
 
-def _stack(*tensors: Tensor) -> Tensor:
-    return torch.stack(tensors)
-
-
 class L2O(Algorithm):
     """A learned inner optimizer meta-trained by truncated BPTT from a fixed (or learned) start."""
+
+    refused_options = {"parallel": "truncated BPTT takes several outer steps per iteration, each on the state "
+                                   "the previous one left; shard it by running one L2O per process"}
 
     def __init__(
         self,
@@ -73,64 +71,86 @@ class L2O(Algorithm):
         """What the outer optimizer trains: the learned optimizer's weights, and the start if `learn_init`."""
         return super().parameters(recurse) if self.learn_init else self.inner_meta_params.parameters(recurse)
 
+    def meta_parameters(self) -> dict[str, nn.Parameter]:
+        """The learned optimizer's weights (and the model's parameters with `learn_init`), named."""
+        return {n: p for n, p in self.named_parameters() if p.requires_grad
+                and (self.learn_init or n.startswith("inner_meta_params."))}
+
     def start(self) -> Params:
         """The starting point of every task: the model's parameters, a constant unless `learn_init`."""
         return self.params() if self.learn_init else {n: p.detach() for n, p in self.params().items()}
 
-    def segment(self, params: Params, state: Any, batch: TaskBatch, first: int, steps: int
-                ) -> tuple[Tensor, Params, Any]:
+    def segment(self, params: Params, state: Any, batch: Any, first: int, steps: int,
+                path: ExecPath | None = None) -> tuple[Tensor, Params, Any]:
         """`steps` inner steps from step `first` on every task; per-task params and state carry a leading
         `[tasks]` dimension. Returns query losses `[tasks, steps]` (after each step), params and state."""
-        order, path = self.order, self.exec_path()
+        path = ExecPath.parse(path or self.exec_path()).replace(parallel=False)
+        leaves, spec = tree_flatten(state)
+        batched = [i for i, t in enumerate(leaves) if isinstance(t, Tensor)]
+        constants: list[Any] = []  # non-tensor state (a step count): the same for every task
 
-        def one_task(p: Params, s: Any, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor, vmapped: bool):
-            losses, f = [], core.for_vmap(self.f) if vmapped else self.f
-            for k in range(first, first + steps):
-                p, s, _ = core.inner_step(f, self.loss_fn, p, s, sx, sy, self.inner_opt, k, order,
-                                          vmapped=vmapped)
-                losses.append(self.loss_fn(f(p, qx), qy))
-            return torch.stack(losses), p, s
+        def one_task(on: Adapter, p: Params, s: list[Tensor], support: Any, query: Any):
+            full = list(leaves)
+            for i, t in zip(batched, s):
+                full[i] = t
+            st = tree_unflatten(full, spec)
+            losses = []
+            for _ in range(first, first + steps):
+                p, st, _ = on.step(p, st, support)
+                losses.append(on.loss(p, query))
+            new, _ = tree_flatten(st)
+            constants[:] = [t for t in new if not isinstance(t, Tensor)]
+            return torch.stack(losses), p, [t for t in new if isinstance(t, Tensor)]
 
-        if core.parse_path(path)[0] == "vmap":
-            return vmap(lambda p, s, *t: one_task(p, s, *t, vmapped=True), randomness="different")(
-                params, state, *batch.tensors())
-        outs = [one_task(tree_map(lambda t, i=i: t[i], params), tree_map(lambda t, i=i: t[i], state),
-                         *(t[i] for t in batch.tensors()), vmapped=False) for i in range(len(batch))]
-        return torch.stack([o[0] for o in outs]), tree_map(_stack, *[o[1] for o in outs]), \
-            tree_map(_stack, *[o[2] for o in outs])
+        losses, params, tensors = core.map_tasks(one_task, self.adapter(), path, params,
+                                                 [leaves[i] for i in batched], batch.support, batch.query)
+        new = iter(tensors)
+        consts = iter(constants)
+        full = [next(new) if isinstance(t, Tensor) else next(consts, t) for t in leaves]
+        return losses, params, tree_unflatten(full, spec)
 
-    def initial(self, batch: TaskBatch) -> tuple[Params, Any]:
+    def initial(self, batch: Any) -> tuple[Params, Any]:
         """Start parameters and optimizer state of every task, each with a leading `[tasks]` dimension."""
         start = self.start()
         params = {n: p.unsqueeze(0).expand(len(batch), *p.shape) for n, p in start.items()}
-        state = tree_map(lambda t: t.unsqueeze(0).expand(len(batch), *t.shape).contiguous(),
-                         self.inner_opt.init(start))
+        state = tree_map(lambda t: t.unsqueeze(0).expand(len(batch), *t.shape).contiguous()
+                         if isinstance(t, Tensor) else t, self.inner_opt.init(start))
         return params, state
 
-    def _meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
+    def objective(self, batch: Any, iteration: int, path: ExecPath) -> tuple[Tensor, dict[str, Tensor]]:
         params, state = self.initial(batch)
-        losses, _, _ = self.segment(params, state, batch, 0, self.inner_steps)
-        return losses.mean(), {"final_loss": float(losses[:, -1].detach().mean())}
+        losses, _, _ = self.segment(params, state, batch, 0, self.inner_steps, path)
+        return losses.mean(), {"final_loss": losses[:, -1].detach().mean()}
 
-    def meta_step(self, batch: TaskBatch, optimizer: torch.optim.Optimizer) -> dict[str, float]:
+    def train_step(self, batch: Any, optimizer: torch.optim.Optimizer,
+                   iteration: int | None = None) -> dict[str, float]:
         """One iteration: `inner_steps / unroll` truncations, each followed by an outer update."""
         self._check_batch(batch)
+        if distributed.world() > 1:
+            raise ValueError("L2O cannot be sharded over the ranks of a torchrun job: "
+                             + self.refused_options["parallel"])
+        iteration = int(self.iteration) if iteration is None else int(iteration)
+        path = self._path_for(batch, iteration)
         params, state = self.initial(batch)
         seg_losses, norms = [], []
+        weights = self.meta_parameters()
         for first in range(0, self.inner_steps, self.unroll):
-            optimizer.zero_grad(set_to_none=True)
-            losses, params, state = self.segment(params, state, batch, first,
-                                                 min(self.unroll, self.inner_steps - first))
-            loss = losses.mean()
-            core.check_finite(loss, f"L2O truncated loss at iteration {int(self.iteration)}, step {first}")
-            loss.backward()
-            grads = [p.grad for p in self.parameters() if p.grad is not None]
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
-            core.check_finite(norm, f"L2O meta-gradient norm at iteration {int(self.iteration)}")
+            with torch.enable_grad():
+                losses, params, state = self.segment(params, state, batch, first,
+                                                     min(self.unroll, self.inner_steps - first), path)
+                loss = losses.mean()
+                core.check_finite(loss, f"L2O truncated loss at iteration {iteration}, step {first}")
+                grads = torch.autograd.grad(loss, list(weights.values()), allow_unused=True)
+            self._set_grads({n: g if g is not None else torch.zeros_like(p)
+                             for (n, p), g in zip(weights.items(), grads)})
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad)
+                                                         for p in weights.values()]))
+            core.check_finite(norm, f"L2O meta-gradient norm at iteration {iteration}")
             optimizer.step()
             params, state = detach_state((params, state))
             seg_losses.append(float(loss.detach()))
             norms.append(float(norm))
-        self.iteration += 1
+        self.timer.ran = path
+        self.iteration.fill_(iteration + 1)
         return {"meta_loss": sum(seg_losses) / len(seg_losses), "final_loss": float(losses[:, -1].detach().mean()),
                 "grad_norm": max(norms)}

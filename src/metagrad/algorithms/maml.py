@@ -13,6 +13,7 @@ iterations; `order_anneal_iters` > 0 uses first order for that many iterations, 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 
 from metagrad import core
 from metagrad.algorithms.base import Algorithm, check_steps
-from metagrad.core import LossFn, Path, TaskBatch
+from metagrad.core import ExecPath, LossFn, Path
 from metagrad.inner import InnerOptimizer, per_layer_per_step_lr
 
 
@@ -51,40 +52,34 @@ class MAML(Algorithm):
         order_anneal_iters: int = 0,
         adapt_names: Sequence[str] | None = None,
         eval_steps: int | None = None,
+        task_loss: core.TaskLoss | None = None,
     ) -> None:
         if lslr and inner_opt is None:
             params = core.named_params(model)
             adapted = {n: p for n, p in params.items() if adapt_names is None or n in adapt_names}
             inner_opt = per_layer_per_step_lr(adapted, inner_lr, max(inner_steps, 1))
-        super().__init__(model, inner_lr, inner_steps, order, loss_fn, inner_opt, path, adapt_names, eval_steps)
+        super().__init__(model, inner_lr, inner_steps, order, loss_fn, inner_opt, path, adapt_names, eval_steps,
+                         task_loss)
         check_steps(multi_step_loss_iters=multi_step_loss_iters, order_anneal_iters=order_anneal_iters)
         self.multi_step_loss_iters = int(multi_step_loss_iters)
         self.order_anneal_iters = int(order_anneal_iters)
 
+    def order_at(self, iteration: int) -> int:
+        """The order in force at `iteration`: first order during the annealing phase, then `order`."""
+        return 1 if iteration < self.order_anneal_iters else self.order
+
     def current_order(self) -> int:
-        """The order in force now: first order during the annealing phase, then `order`."""
-        return 1 if int(self.iteration) < self.order_anneal_iters else self.order
+        """The order in force now."""
+        return self.order_at(int(self.iteration))
 
-    def exec_path(self, order: int | None = None) -> str:
-        return super().exec_path(self.current_order() if order is None else order)
-
-    def _order_now(self) -> int:
-        return self.current_order()
-
-    def _meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
-        order = self.current_order()
-        msl = self.multi_step_loss_iters > 0 and int(self.iteration) < self.multi_step_loss_iters \
-            and self.inner_steps > 1
-        losses, accs = core.query_losses(self.f, self.loss_fn, self.params(), batch, self.inner_opt,
-                                         self.inner_steps, order, self.exec_path(order), self.adapt_names,
-                                         all_steps=msl)
+    def objective(self, batch: Any, iteration: int, path: ExecPath) -> tuple[Tensor, dict[str, Tensor]]:
+        theta = self.params()
+        msl = self.multi_step_loss_iters > 0 and iteration < self.multi_step_loss_iters and self.inner_steps > 1
+        # Each task: theta_i' = inner steps on its support set; its query loss (after every step with msl).
+        losses, metrics = core.map_tasks(lambda on, s, q: core.adapt_and_evaluate(on, theta, s, q, all_steps=msl),
+                                         self.adapter(iteration), path, batch.support, batch.query)
         if msl:
-            w = torch.as_tensor(multi_step_weights(self.inner_steps, int(self.iteration),
-                                                   self.multi_step_loss_iters), dtype=losses.dtype,
-                                device=losses.device)
-            loss = (losses[:, 1:] @ w).mean()
-            accs = accs[:, -1] if accs is not None else None
-        else:
-            loss = losses.mean()
-        metrics = {"accuracy": float(accs.mean())} if accs is not None else {}
-        return loss, metrics
+            w = torch.as_tensor(multi_step_weights(self.inner_steps, iteration, self.multi_step_loss_iters),
+                                dtype=losses.dtype, device=losses.device)
+            return (losses[:, 1:] @ w).mean(), {k: v[:, -1].mean() for k, v in metrics.items()}
+        return losses.mean(), {k: v.mean() for k, v in metrics.items()}

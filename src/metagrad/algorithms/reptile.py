@@ -13,11 +13,12 @@ the gradient `theta - mean_i W_i`, so `torch.optim.SGD(lr=epsilon)` is exactly R
 
 from __future__ import annotations
 
-import torch
+from typing import Any
+
 from torch import Tensor, nn
 
-from metagrad.algorithms.base import Algorithm
-from metagrad.core import LossFn, Path, TaskBatch
+from metagrad.algorithms.base import Algorithm, pooled
+from metagrad.core import ExecPath, LossFn, Path
 from metagrad.inner import InnerOptimizer
 
 
@@ -40,14 +41,13 @@ class Reptile(Algorithm):
                              f"order must be 1, got {order!r}")
         super().__init__(model, inner_lr, inner_steps, order, loss_fn, inner_opt, path, eval_steps=eval_steps)
 
-    def _meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
-        x = torch.cat([batch.support_x, batch.query_x], dim=1)  # [tasks, shots + query_shots, ...]
-        y = torch.cat([batch.support_y, batch.query_y], dim=1)
-        w = self.fit_tasks(x, y, self.inner_steps)  # W_i, each [tasks, *param.shape]
+    def objective(self, batch: Any, iteration: int, path: ExecPath) -> tuple[Tensor, dict[str, Tensor]]:
+        data = pooled(batch)  # [tasks, shots + query_shots, ...]
+        w = self.fit_tasks(data, self.inner_steps, path)  # W_i, each [tasks, *param.shape]
         theta = self.params()
         direction = {n: (theta[n] - w[n].mean(0)).detach() for n in theta}  # theta - mean_i W_i
         # Surrogate: its value is the query loss at W_i (query points were part of the inner data),
         # its gradient with respect to theta is the Reptile direction.
-        value = self.task_losses(w, batch.query_x, batch.query_y).mean().detach()
+        value = self.task_losses(w, batch.query, path).mean().detach()
         surrogate = sum((theta[n] * direction[n]).sum() for n in theta)
         return value + surrogate - surrogate.detach(), {}

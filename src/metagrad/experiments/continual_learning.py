@@ -14,15 +14,14 @@ on the pooled training classes (its head replaced by a zero head for the new cla
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from metagrad import core
 from metagrad.algorithms import MAML
-from metagrad.core import Params, TaskBatch
+from metagrad.core import Adapter, Params, TaskBatch
 from metagrad.evaluation import mean_ci95
 from metagrad.experiments import experiment
 from metagrad.experiments.starts import plot_curves, train
@@ -49,16 +48,22 @@ class Config:
     seed: int = 0
 
 
-def learn_sequentially(alg: MAML, params: Params, sx: Tensor, sy: Tensor, ways: int, order: int) -> list[Params]:
-    """Parameters after each arriving class of one task (support `[ways * shots, dim]` grouped by class)."""
-    shots = sx.shape[0] // ways
-    after = []
-    for c in range(ways):
-        part = slice(c * shots, (c + 1) * shots)
-        params = core.inner_loop(alg.f, alg.loss_fn, params, sx[part], sy[part], alg.inner_opt, alg.inner_steps,
-                                 order)[-1]
-        after.append(params)
-    return after
+@dataclass(frozen=True)
+class ClassByClass(Adapter):
+    """The adapter of a task whose classes arrive one at a time: `steps` inner steps on each class's
+    support examples in turn (support `[ways * shots, ...]` grouped by class); the trajectory holds the
+    parameters after each arriving class."""
+
+    ways: int = 5
+
+    def trajectory(self, params: Params, support: tuple[Tensor, Tensor]) -> list[Params]:
+        x, y = support
+        shots = x.shape[0] // self.ways
+        after = [params]
+        for c in range(self.ways):
+            part = slice(c * shots, (c + 1) * shots)
+            after.append(Adapter.trajectory(self, after[-1], (x[part], y[part]))[-1])
+        return after
 
 
 class SequentialMAML(MAML):
@@ -68,14 +73,9 @@ class SequentialMAML(MAML):
         super().__init__(model, loss_fn=F.cross_entropy, path="loop", **kwargs)
         self.ways = ways
 
-    def _meta_loss(self, batch: TaskBatch) -> tuple[Tensor, dict[str, float]]:
-        losses, accs = [], []
-        for i in range(len(batch)):
-            sx, sy, qx, qy = (t[i] for t in batch.tensors())
-            out = self.f(learn_sequentially(self, self.params(), sx, sy, self.ways, self.order)[-1], qx)
-            losses.append(F.cross_entropy(out, qy))
-            accs.append((out.argmax(-1) == qy).float().mean())
-        return torch.stack(losses).mean(), {"accuracy": float(torch.stack(accs).mean())}
+    def adapter(self, iteration: int | None = None, steps: int | None = None, order: int | None = None) -> Adapter:
+        base = super().adapter(iteration, steps, order)
+        return ClassByClass(**{f.name: getattr(base, f.name) for f in fields(Adapter)}, ways=self.ways)
 
 
 @torch.no_grad()
@@ -83,9 +83,10 @@ def accuracy_matrix(alg: SequentialMAML, test: TaskBatch) -> Tensor:
     """R `[tasks, ways, ways]`: R[:, t, j] = query accuracy on class j after learning classes 0..t (j <= t)."""
     ways = alg.ways
     R = torch.zeros(len(test), ways, ways)
+    on = alg.adapter(order=0)
     for i in range(len(test)):
         sx, sy, qx, qy = (t[i] for t in test.tensors())
-        for t, p in enumerate(learn_sequentially(alg, alg.params(), sx, sy, ways, order=0)):
+        for t, p in enumerate(on.trajectory(alg.params(), (sx, sy))[1:]):
             pred = alg.f(p, qx)[:, : t + 1].argmax(-1)
             for j in range(t + 1):
                 R[i, t, j] = (pred[qy == j] == j).float().mean()

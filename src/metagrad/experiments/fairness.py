@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metagrad import core, metrics
+from metagrad import metrics
 from metagrad.algorithms import MAML
 from metagrad.evaluation import mean_ci95
 from metagrad.experiments import experiment
@@ -59,10 +59,12 @@ def fair_loss(lam: float):
 def fairness_curves(alg: MAML, test, steps: int) -> dict[str, Tensor]:
     """Query accuracy, equalised-odds gap and demographic-parity difference after 0..steps: each `[tasks, steps+1]`."""
     out: dict[str, list[Tensor]] = {"accuracy": [], "eo_gap": [], "dp_diff": []}
+    # The algorithm's own adapter: an ANIL start adapts its head only, as in its meta-training.
+    traj = alg.trajectories(test.support, steps)  # {name: [tasks, steps+1, ...]}
     for i in range(len(test)):
-        sx, sy, qx, qy = (t[i] for t in test.tensors())
-        traj = core.inner_loop(alg.f, alg.loss_fn, alg.params(), sx, sy, alg.inner_opt, steps, order=0)
-        pred = torch.stack([(alg.f(p, qx)[:, 0] > 0).double() for p in traj])  # [steps+1, query]
+        qx, qy = test.query_x[i], test.query_y[i]
+        pred = torch.stack([(alg.f({n: t[i, k] for n, t in traj.items()}, qx)[:, 0] > 0).double()
+                            for k in range(steps + 1)])  # [steps+1, query]
         y, a = qy[:, 0].expand_as(pred), qy[:, 1].expand_as(pred)
         out["accuracy"].append(metrics.accuracy(pred, y))
         out["eo_gap"].append(metrics.equalized_odds_gap(pred, y, a))

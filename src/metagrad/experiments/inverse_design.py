@@ -22,7 +22,6 @@ import torch
 from torch import Tensor
 from torch.func import functional_call
 
-from metagrad import core
 from metagrad.algorithms import MAML
 from metagrad.evaluation import mean_ci95
 from metagrad.experiments import experiment
@@ -64,10 +63,10 @@ def hit_curve(alg: MAML, test, steps: int, candidates: int, hit_tolerance: float
     """Fraction of `candidates` generated designs that hit each task's target after 0..steps: `[tasks, steps+1]`."""
     z = torch.randn(len(test), candidates, alg.model.dim, generator=torch.Generator().manual_seed(seed))
     rates = []
+    traj = alg.trajectories(test.support, steps)  # {name: [tasks, steps+1, ...]}
     for i in range(len(test)):
-        traj = core.inner_loop(alg.f, alg.loss_fn, alg.params(), test.support_x[i], test.support_y[i],
-                               alg.inner_opt, steps, order=0)
-        designs = torch.stack([functional_call(alg.model, p, (z[i],), {"reverse": True}) for p in traj])
+        designs = torch.stack([functional_call(alg.model, {n: t[i, k] for n, t in traj.items()}, (z[i],),
+                                               {"reverse": True}) for k in range(steps + 1)])
         rates.append(hits(designs, test.support_y[i, 0, 0], hit_tolerance).float().mean(-1))
     return torch.stack(rates)
 

@@ -17,7 +17,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from metagrad import core
 from metagrad.algorithms.base import Algorithm
 from metagrad.algorithms.baselines import Pretrain
 from metagrad.algorithms.maml import MAML
@@ -84,9 +83,7 @@ def compare(starts: dict[str, Algorithm], test: TaskBatch, steps: int) -> dict[s
 @torch.no_grad()
 def trajectories(alg: Algorithm, batch: TaskBatch, steps: int) -> dict[str, torch.Tensor]:
     """Each task's parameters after 0..steps inner steps: `{name: [tasks, steps + 1, *param.shape]}`."""
-    per_task = [core.inner_loop(alg.f, alg.loss_fn, alg.params(), batch.support_x[i], batch.support_y[i],
-                                alg.inner_opt, steps, order=0, names=alg.adapt_names) for i in range(len(batch))]
-    return {n: torch.stack([torch.stack([p[n] for p in traj]) for traj in per_task]) for n in alg.params()}
+    return alg.trajectories(batch.support, steps)
 
 
 def curve_result(metric: str, values: torch.Tensor) -> EvalResult:
