@@ -2,12 +2,12 @@
 
     metagrad run [NAME] [--set key=value ...]     a named experiment (default: sinusoid, ~20 s)
     metagrad train --algorithm maml --tasks sinusoid --inner-lr 0.01 --iterations 1000 ...
-    metagrad eval runs/NAME/checkpoint.pt         re-evaluate a checkpoint on held-out tasks
+    metagrad eval runs/NAME/checkpoint.safetensors         re-evaluate a checkpoint on held-out tasks
     metagrad list                                 experiments, algorithms, task families
     metagrad report runs/a runs/b --out docs/experiments.md
     metagrad download omniglot
 
-Every run writes a folder (`runs/<name>`, or `--out`): config.json, metrics.jsonl, checkpoint.pt,
+Every run writes a folder (`runs/<name>`, or `--out`): config.json, metrics.jsonl, checkpoint.safetensors,
 results.json, PNG plots. Bad names and config keys are one-line errors with exit code 2.
 """
 

@@ -33,7 +33,7 @@ from torch import nn
 from metagrad.algorithms.base import Algorithm
 from metagrad.evaluation import evaluate
 from metagrad.models import MLP, Conv4
-from metagrad.runs import Run
+from metagrad.runs import CHECKPOINT, Run, find_checkpoint, read_checkpoint
 from metagrad.tasks.base import TaskDistribution, get_family
 
 MODELS: dict[str, Any] = {"mlp": MLP, "conv4": Conv4}
@@ -169,9 +169,7 @@ def load_checkpoint(algorithm: nn.Module, checkpoint: str | Path | dict[str, Any
     """Load a checkpoint's algorithm state into `algorithm` (after checking it fits); returns the checkpoint."""
     source = "(dict)" if isinstance(checkpoint, dict) else str(checkpoint)
     if not isinstance(checkpoint, dict):
-        if not Path(checkpoint).is_file():
-            raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        checkpoint = read_checkpoint(checkpoint)  # data only: nothing in the file is run
     check_compatible(checkpoint["identity"], algorithm, source)
     algorithm.load_state_dict(checkpoint["algorithm"])
     if hasattr(algorithm, "load_path_state"):
@@ -225,7 +223,7 @@ def meta_train(
 ) -> TrainResult:
     """Meta-train `algorithm` on tasks from `tasks` for `iterations` outer steps of `meta_batch` tasks each.
 
-    With `run`, writes metrics.jsonl and checkpoint.pt there, and if `run.resume` continues from its
+    With `run`, writes metrics.jsonl and checkpoint.safetensors there, and if `run.resume` continues from its
     checkpoint. `val_tasks` (held-out) are compared every `val_every` iterations with as many fixed
     meta-training tasks: the meta-train vs meta-test gap. `time_budget` (seconds) stops early, cleanly.
     `lr_schedule="cosine"` anneals the outer rate from `outer_lr` to `min_outer_lr` over `iterations`.
@@ -324,10 +322,8 @@ def evaluate_checkpoint(path: str | Path, n_tasks: int = 1000, steps: int | None
     """Rebuild the algorithm of a checkpoint from its spec, load it, evaluate on held-out tasks (seed: the run's)."""
     path = Path(path)
     if path.is_dir():
-        path = path / "checkpoint.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+        path = find_checkpoint(path) or path / CHECKPOINT
+    state = read_checkpoint(path)  # data only: nothing in the file is run
     if not state.get("spec"):
         raise ValueError(f"checkpoint {path} has no spec to rebuild its algorithm from; "
                          "load it into your own with metagrad.train.load_checkpoint(algorithm, path)")
