@@ -176,3 +176,47 @@ def test_readme_example_runs(capsys):
     assert result.n_tasks == 1000 and len(result.curve) == 11
     assert result.curve[10] + result.curve_ci95[10] < 0.5 * (result.curve[0] - result.curve_ci95[0])
     assert "95% CI, 1000 tasks" in capsys.readouterr().out
+
+
+RESUMABLE = ["--set", "iterations=400", "--set", "val_every=100", "--set", "eval_tasks=20", "--set", "eval_steps=2",
+             "--set", "pretrain_lrs=0.01,0.02"]
+
+
+@pytest.mark.slow  # ~18 s on the shared 2-core machine: two runs and a process start
+def test_run_interrupted_by_ctrl_c_then_resumed_equals_an_uninterrupted_run(tmp_path, capsys):
+    assert main(["run", "sinusoid", *RESUMABLE, "--out", "full"]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "metagrad", "run", "sinusoid", *RESUMABLE, "--out", "cut"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "cut" / "maml" / "metrics.jsonl"
+    deadline = time.time() + 60
+    while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)  # Ctrl-C
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "--resume" in err and "Traceback" not in err, err
+    assert not Path("cut/results.json").exists()
+    stopped_at = read_checkpoint("cut/maml/checkpoint.safetensors")["iteration"]
+    assert 50 <= stopped_at < 400
+    assert main(["run", "sinusoid", "--out", "cut", "--resume"]) == 0  # its saved config: tuples and all
+    for child in ("maml", "pretrain"):
+        a, b = read_checkpoint(f"full/{child}/checkpoint.safetensors"), read_checkpoint(
+            f"cut/{child}/checkpoint.safetensors")
+        assert a["iteration"] == b["iteration"] == 400
+        assert all(torch.equal(a["algorithm"][k], b["algorithm"][k]) for k in a["algorithm"])
+        assert all(torch.equal(x, b["optimizer"]["state"][i][k]) for i, s in a["optimizer"]["state"].items()
+                   for k, x in s.items())
+        assert Path(f"full/{child}/metrics.jsonl").read_text().count("\n") == Path(
+            f"cut/{child}/metrics.jsonl").read_text().count("\n")
+    full, cut = (json.loads(Path(f"{d}/results.json").read_text()) for d in ("full", "cut"))
+    assert full["curves"] == cut["curves"]
+    assert [{k: v for k, v in r.items() if k != "train seconds"} for r in full["table"]] == \
+        [{k: v for k, v in r.items() if k != "train seconds"} for r in cut["table"]]
+
+
+def test_resume_without_a_checkpoint_is_refused(capsys):
+    one_line_error(capsys, ["run", "sinusoid", "--out", "nothing", "--resume"], "nothing does not exist",
+                   "without --resume")
+    Path("empty").mkdir()
+    one_line_error(capsys, ["train", "--out", "empty", "--resume"], "empty holds no checkpoint")
+    assert not Path("nothing").exists() and not any(Path("empty").iterdir())

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from metagrad.runs import Run
+from metagrad.runs import Run, has_checkpoints
 
 EXIT_USAGE = 2
 
@@ -119,6 +119,14 @@ def saved_config(out: Path, resume: bool) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if resume and path.is_file() else None
 
 
+def check_resume(out: Path, resume: bool) -> None:
+    """`--resume` needs a checkpoint to continue from: refuse rather than silently start afresh."""
+    if resume and not has_checkpoints(out):
+        what = "does not exist" if not out.exists() else "holds no checkpoint"
+        raise UsageError(f"--resume: run folder {out} {what} to continue from; run without --resume to start "
+                         "a new run there")
+
+
 def finish(run: Run, results: dict[str, Any], name: str, summary: str, t0: float, argv: list[str]) -> None:
     """Write results.json with where it came from, and print the table."""
     from metagrad.report import markdown_table
@@ -168,6 +176,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             if flag not in fields:
                 raise UsageError(f"experiment {args.name!r} has no {flag} option")
             overrides[flag] = value
+    check_resume(out, args.resume)
     cfg = resolve(exp.config_cls, saved_config(out, args.resume), overrides, f"experiment {args.name!r}")
     run = Run(out, dataclasses.asdict(cfg), resume=args.resume, overwrite=args.overwrite)
     t0 = time.time()
@@ -185,6 +194,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     default = TrainConfig()
     out = Path(args.out or Path("runs") / f"train-{overrides.get('algorithm', default.algorithm)}-"
                                           f"{overrides.get('tasks', default.tasks)}")
+    check_resume(out, args.resume)
     cfg = resolve(TrainConfig, saved_config(out, args.resume), overrides, "metagrad train")
     name = f"train-{cfg.algorithm}-{cfg.tasks}"
     check_lr_schedule(cfg.outer_lr, cfg.lr_schedule, cfg.min_outer_lr)  # before the run folder is made

@@ -173,7 +173,9 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
 
 def _read_legacy(path: Path) -> dict[str, Any]:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        # A file object, not the name: torch.load hands names ending in .safetensors to another loader.
+        with open(path, "rb") as fh:
+            return torch.load(fh, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # weights_only refused an object: loading it would run code of the file's choosing. Never.
         first = str(e).strip().splitlines()
