@@ -33,10 +33,11 @@ from torch import nn
 from metagrad.algorithms.base import Algorithm
 from metagrad.evaluation import evaluate
 from metagrad.models import MLP, Conv4
+from metagrad.models.gnn import GCN
 from metagrad.runs import CHECKPOINT, Run, find_checkpoint, read_checkpoint
 from metagrad.tasks.base import TaskDistribution, get_family
 
-MODELS: dict[str, Any] = {"mlp": MLP, "conv4": Conv4}
+MODELS: dict[str, Any] = {"mlp": MLP, "conv4": Conv4, "gcn": GCN}
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -126,20 +127,31 @@ def build(spec: dict[str, Any], seed: int = 0) -> tuple[Algorithm, TaskDistribut
     model_name = spec.get("model", "auto")
     model_args = dict(spec.get("model_args") or {})
     if model_name == "auto":
-        model_name = "conv4" if example.support_x.dim() == 5 else "mlp"  # [tasks, shots, C, H, W]: images
+        # A family may name its model (graph-sbm: a GCN); else images [tasks, shots, C, H, W] get a Conv4.
+        model_name = getattr(tasks, "default_model", None) or ("conv4" if example.support_x.dim() == 5 else "mlp")
     if model_name == "mlp" and "sizes" not in model_args:
         outputs = int(getattr(tasks, "ways", 0)) if classify else example.support_y.shape[-1]
         model_args["sizes"] = (example.support_x.shape[-1], 40, 40, outputs)
     if model_name == "conv4":
         model_args.setdefault("ways", int(tasks.ways))
         model_args.setdefault("in_channels", example.support_x.shape[2])
+    if model_name == "gcn":
+        model_args.setdefault("ways", int(tasks.ways))
+        model_args.setdefault("features", int(tasks.features))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the model's initialisation is part of the run's seed
         model = _call("model", model_name, _lookup("model", MODELS, model_name), model_args)
     fixed = {"model": model}
     if classify:
         fixed["loss_fn"] = nn.functional.cross_entropy
-    return _call("algorithm", spec["algorithm"], alg_cls, dict(spec.get("algorithm_args") or {}), **fixed), tasks
+    algorithm = _call("algorithm", spec["algorithm"], alg_cls, dict(spec.get("algorithm_args") or {}), **fixed)
+    # The model computes in the data's precision (float64 families: linear-gaussian, quadratic), and so do the
+    # algorithm's own meta-parameters (learned rates, a learned optimizer). Initialised in float32 first, so
+    # the seed gives the same start whatever the precision.
+    dtype = example.support_x.dtype if example.support_x.is_floating_point() else torch.get_default_dtype()
+    if dtype != next(algorithm.parameters(), torch.empty(0)).dtype:
+        algorithm.to(dtype)
+    return algorithm, tasks
 
 
 # -- checkpoints -------------------------------------------------------------------------------------
