@@ -87,10 +87,10 @@ def test_train_resume_from_cli_equals_one_long_run(capsys):
 
 
 def test_train_set_keys_take_json_for_optional_values_and_argument_tables(capsys):
-    assert main([*TINY_TRAIN, "--out", "r", "--set", "eval_steps=3", "--set", "time_budget=null",
+    assert main([*TINY_TRAIN, "--out", "r", "--set", "eval_steps=3", "--set", "budget_minutes=null",
                  "--set", 'algorithm_args={"lslr": true}']) == 0
     config = json.loads(Path("r/config.json").read_text())
-    assert (config["eval_steps"], config["time_budget"], config["algorithm_args"]) == (3, None, {"lslr": True})
+    assert (config["eval_steps"], config["budget_minutes"], config["algorithm_args"]) == (3, None, {"lslr": True})
     state = read_checkpoint("r/checkpoint.safetensors")["algorithm"]
     assert state["inner_meta_params.0__weight"].shape == (1,)  # MAML++'s per-layer per-step rates were trained
     assert json.loads(Path("r/results.json").read_text())["eval"]["steps"] == 3

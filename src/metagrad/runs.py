@@ -34,7 +34,8 @@ class CheckpointError(ValueError):
     """A checkpoint file that is damaged, not a metagrad checkpoint, or would need code to load."""
 
 # Config keys a resumed run may change: how long and where it runs, not what it computes.
-RESUMABLE_CHANGES = ("resume", "iterations", "out", "device", "time_budget")
+# `evaluation`: an experiment's record of how it evaluates a model (metagrad eval's defaults).
+RESUMABLE_CHANGES = ("resume", "iterations", "out", "device", "time_budget", "budget_minutes", "evaluation")
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -44,6 +45,11 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write text via a temporary file and rename."""
+    _atomic_write_bytes(Path(path), text.encode())
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -260,8 +266,9 @@ class Run:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
     def truncate_metrics(self, after_step: int) -> None:
-        """Drop metric lines past `after_step` (a resumed run re-logs them from its checkpoint)."""
-        kept = [m for m in self.metrics() if m["step"] <= after_step]
+        """Drop metric lines past `after_step` and the last, shorter window's line (a resumed run re-logs
+        them from its checkpoint, which holds that window's sums)."""
+        kept = [m for m in self.metrics() if m["step"] <= after_step and "partial_window" not in m]
         _atomic_write_bytes(self.dir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in kept).encode())
 
     def save_results(self, results: dict[str, Any]) -> Path:

@@ -211,6 +211,44 @@ def _deferred_interrupts() -> Iterator[list[int]]:
             signal.signal(s, h)
 
 
+class _BudgetBar:
+    """The progress of a time-limited run, in seconds of its budget: its iteration count may be far out of
+    reach (60,000 Omniglot iterations in a 60-minute budget), so a bar over iterations would mislead."""
+
+    def __init__(self, budget: float, iterations: int, start: int, desc: str, disable: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.budget, self.iterations, self.i, self.t0 = budget, iterations, start, time.perf_counter()
+        self.bar = tqdm(total=max(budget, 1.0), desc=f"{desc} (time budget)", disable=disable, dynamic_ncols=True,
+                        mininterval=0.5, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}"
+                                                    "{postfix}]")
+        self.postfix = ""
+
+    def set_postfix(self, values: dict[str, str], refresh: bool = True) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def update(self, n: int = 1) -> None:
+        self.i += n
+        self.bar.set_postfix_str(f"iteration {self.i}/{self.iterations}" + (f", {self.postfix}" if self.postfix
+                                                                            else ""), refresh=False)
+        self.bar.update(min(time.perf_counter() - self.t0, self.budget) - self.bar.n)
+
+    def __enter__(self) -> _BudgetBar:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.close()
+
+
+def progress_bar(iterations: int, start: int, time_budget: float | None, desc: str, progress: bool) -> Any:
+    """meta_train's bar: over iterations, or over the seconds of `time_budget` when there is one."""
+    if time_budget is not None:
+        return _BudgetBar(time_budget, iterations, start, desc, not progress)
+    from tqdm.auto import tqdm
+
+    return tqdm(total=iterations, initial=start, desc=desc, disable=not progress, dynamic_ncols=True, mininterval=0.5)
+
+
 def meta_train(
     algorithm: Algorithm,
     tasks: TaskDistribution,
@@ -276,13 +314,10 @@ def meta_train(
                 "paths": algorithm.path_state() if hasattr(algorithm, "path_state") else {},
             })
 
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
     last: dict[str, float] = {}
     stopped = "done"
-    with _deferred_interrupts() as interrupts, tqdm(total=iterations, initial=start, desc=desc, disable=not progress,
-                                                    dynamic_ncols=True, mininterval=0.5) as bar:
+    with _deferred_interrupts() as interrupts, progress_bar(iterations, start, time_budget, desc, progress) as bar:
         for i in range(start, iterations):
             batch = tasks.sample(meta_batch, gen).to(device)
             if lr_schedule != "constant":
@@ -326,12 +361,23 @@ def meta_train(
     checkpoint(step)
     if not last and window.get("_n"):
         last = {k: v / window["_n"] for k, v in window.items() if k != "_n"}
+    if run is not None and window.get("_n"):  # the last, shorter window (a run shorter than log_every too)
+        run.log(step, {**{k: v / window["_n"] for k, v in window.items() if k != "_n"},
+                       "partial_window": int(window["_n"])})
     return TrainResult(step, stopped, seconds_before + time.perf_counter() - t0, last)
 
 
 def evaluate_checkpoint(path: str | Path, n_tasks: int = 1000, steps: int | None = None, seed: int | None = None,
-                        split: str = "test", device: str = "cpu") -> tuple[Algorithm, Any]:
-    """Rebuild the algorithm of a checkpoint from its spec, load it, evaluate on held-out tasks (seed: the run's)."""
+                        split: str = "test", device: str = "cpu", task_args: dict[str, Any] | None = None,
+                        one_batch: bool = False, inner_lr: float | None = None,
+                        progress: bool = False) -> tuple[Algorithm, Any]:
+    """Rebuild the algorithm of a checkpoint from its spec, load it, evaluate on held-out tasks (seed: the run's).
+
+    The protocol of the run's own table, where it differs from the defaults: `task_args` override the
+    spec's (e.g. more query points at meta-test), `one_batch` samples all `n_tasks` at once (as an
+    experiment that samples its test set in one call does), `inner_lr` is the fine-tuning rate chosen
+    after training (the pre-trained baseline's).
+    """
     path = Path(path)
     if path.is_dir():
         path = find_checkpoint(path) or path / CHECKPOINT
@@ -342,8 +388,17 @@ def evaluate_checkpoint(path: str | Path, n_tasks: int = 1000, steps: int | None
     algorithm, _ = build(state["spec"], seed=int(state.get("seed", 0)))
     load_checkpoint(algorithm, state)
     algorithm.to(device)
+    if inner_lr is not None:
+        from metagrad import inner
+
+        algorithm.inner_opt, algorithm.inner_lr = inner.sgd(inner_lr), inner_lr
     seed = int(state.get("seed", 0)) if seed is None else seed
+    spec = {**state["spec"], "task_args": {**(state["spec"].get("task_args") or {}), **(task_args or {})}}
+    tasks = build_tasks(spec, split=split)
     # Held-out tasks from a generator no training run uses (training: seed, seed+1, seed+2).
-    result = evaluate(algorithm, build_tasks(state["spec"], split=split), n_tasks, steps,
-                      torch.Generator().manual_seed(seed + 10_000))
+    gen = torch.Generator().manual_seed(seed + 10_000)
+    if one_batch:
+        result = evaluate(algorithm, tasks.sample(n_tasks, gen), steps=steps, progress=progress)
+    else:
+        result = evaluate(algorithm, tasks, n_tasks, steps, gen, progress=progress)
     return algorithm, result
