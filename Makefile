@@ -20,7 +20,7 @@ STAMP := $(VENV)/.metagrad-installed
 
 .PHONY: venv demo test test-fast bench bench-deps clean
 
-# pip's own progress bars stay on (no --quiet): the torch wheel alone takes minutes to fetch.
+# pip shows its own progress bars (nothing is silenced): the torch wheel alone takes minutes to fetch.
 $(STAMP): pyproject.toml
 	@echo "== [1/3] virtual environment $(VENV)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
