@@ -220,3 +220,34 @@ def test_resume_without_a_checkpoint_is_refused(capsys):
     Path("empty").mkdir()
     one_line_error(capsys, ["train", "--out", "empty", "--resume"], "empty holds no checkpoint")
     assert not Path("nothing").exists() and not any(Path("empty").iterdir())
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_omniglot_run_interrupted_then_resumed_equals_an_uninterrupted_run(tmp_path, capsys):
+    from conftest import OMNIGLOT
+
+    if not (OMNIGLOT / "images_background.zip").is_file():
+        pytest.skip(f"Omniglot data not found in {OMNIGLOT}")
+    # path=loop: `auto` picks a conv net's path by timing, which two fresh processes may pick differently.
+    tiny = ["--set", "iterations=30", "--set", "meta_batch=2", "--set", "hidden=8", "--set", "eval_tasks=10",
+            "--set", "curve_steps=1", "--set", "val_every=0", "--set", "log_every=5", "--set", "path=loop",
+            "--set", f"data={OMNIGLOT}"]
+    assert main(["run", "omniglot-5w1s", *tiny, "--out", "full"]) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "metagrad", "run", "omniglot-5w1s", *tiny, "--out", "cut"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "cut" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().strip()) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert 5 <= read_checkpoint("cut/checkpoint.safetensors")["iteration"] < 30
+    assert main(["run", "omniglot-5w1s", "--out", "cut", "--resume"]) == 0
+    a, b = read_checkpoint("full/checkpoint.safetensors"), read_checkpoint("cut/checkpoint.safetensors")
+    assert a["iteration"] == b["iteration"] == 30
+    assert all(torch.equal(a["algorithm"][k], b["algorithm"][k]) for k in a["algorithm"])
+    full, cut = (json.loads(Path(f"{d}/results.json").read_text()) for d in ("full", "cut"))
+    assert full["evaluation"] == cut["evaluation"]

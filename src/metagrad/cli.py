@@ -408,7 +408,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if path.is_dir():
         found = find_checkpoint(path)
         if found is None:
-            raise UsageError(f"{path} holds no checkpoint (checkpoint.safetensors)")
+            inside = sorted(str(p.parent) for p in path.rglob("checkpoint.*") if find_checkpoint(p.parent) == p)
+            raise UsageError(f"{path} holds no checkpoint (checkpoint.safetensors)"
+                             + (f"; its models' run folders do: {', '.join(inside)}" if inside else ""))
         path = found
     check_device(args.device)
     state = read_checkpoint(path)
