@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import time
 import zipfile
@@ -184,11 +185,12 @@ def _read_legacy(path: Path) -> dict[str, Any]:
             return torch.load(fh, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # weights_only refused an object: loading it would run code of the file's choosing. Never.
-        first = str(e).strip().splitlines()
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
         raise CheckpointError(
-            f"checkpoint {path} holds objects other than tensors and plain values, which could run code when "
-            f"loaded; metagrad never loads those (weights_only=True said: "
-            f"{next((ln for ln in first if 'Unsupported' in ln or 'GLOBAL' in ln), first[0] if first else '')})"
+            f"checkpoint {path} holds objects other than tensors and plain values"
+            + (f" (it names {found.group(1)})" if found else "")
+            + ", which could run code when loaded; metagrad never loads those. Use a checkpoint metagrad wrote, "
+            "or re-run the training"
         ) from None
     except (EOFError, RuntimeError, OSError, zipfile.BadZipFile, ValueError) as e:
         raise _damaged(path, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'truncated'}") from None
