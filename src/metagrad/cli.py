@@ -615,6 +615,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingInterrupted as e:
         print(f"metagrad: {e}; continue with --resume", file=sys.stderr)
         return 130
+    except KeyboardInterrupt:  # outside meta-training (evaluation, plots): checkpoints so far are kept
+        print("metagrad: interrupted; a run folder with checkpoints continues with --resume", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # `metagrad list | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
