@@ -20,6 +20,7 @@ import torch
 
 from metagrad.cli import main as metagrad
 from metagrad.report import markdown_table
+from metagrad.runs import has_checkpoints
 
 
 def run_k(shots: int, out: Path, iterations: int, algorithms: str) -> dict:
@@ -27,8 +28,10 @@ def run_k(shots: int, out: Path, iterations: int, algorithms: str) -> dict:
     if not (out / "results.json").exists():
         args = ["run", "sinusoid-paper", "--out", str(out), "--set", f"shots={shots}",
                 "--set", f"iterations={iterations}", "--set", f"algorithms={algorithms}"]
-        if (out / "config.json").exists():
-            args.append("--resume")
+        if has_checkpoints(out):  # interrupted: continue it (a folder without a checkpoint starts afresh)
+            args += ["--resume"]
+        elif out.exists():
+            args += ["--overwrite"]
         code = metagrad(args)
         if code != 0:
             sys.exit(code)

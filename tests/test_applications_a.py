@@ -398,4 +398,4 @@ def test_train_is_deterministic_and_logs_under_its_label_without_a_checkpoint(tm
     lines = Run(tmp_path / "0", resume=True).metrics()
     assert [line["step"] for line in lines] == [5]
     assert lines[0]["a/maml/meta_loss"] == results[0].metrics["meta_loss"]
-    assert not (tmp_path / "0" / "checkpoint.pt").exists()
+    assert not (tmp_path / "0" / "checkpoint.safetensors").exists()

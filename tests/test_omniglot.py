@@ -14,6 +14,7 @@ import torch
 from conftest import OMNIGLOT
 from PIL import Image
 
+from metagrad.runs import read_checkpoint
 from metagrad.tasks import omniglot as om
 from metagrad.tasks.omniglot import DataError, Omniglot
 
@@ -275,7 +276,7 @@ def test_experiment_resume_is_bit_identical(tmp_path):
         cfg = OmniglotConfig(iterations=iterations, meta_batch=2, hidden=8, val_every=0, eval_tasks=4,
                              curve_steps=1, data=ROOT, log_every=2, checkpoint_every=2)
         run_omniglot(cfg, Run(path, {"iterations": iterations}, resume=resume))
-        return torch.load(path / "checkpoint.pt", weights_only=False)["algorithm"]
+        return read_checkpoint(path / "checkpoint.safetensors")["algorithm"]
 
     full = run(tmp_path / "full", 6)
     run(tmp_path / "split", 3)
@@ -326,7 +327,7 @@ def test_maml_plus_plus_short_training_learns_its_rates_and_beats_chance(tmp_pat
     results = run_omniglot(cfg, Run(tmp_path, {}))
     curve, ci = results["evaluation"]["curve"], results["evaluation"]["curve_ci95"]
     assert curve[5] - ci[5] > 0.5, (curve, ci)  # chance: 20%
-    trained = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["algorithm"]
+    trained = read_checkpoint(tmp_path / "checkpoint.safetensors")["algorithm"]
     rates = [k for k in trained if k.startswith("inner_meta_params.")]  # LSLR: a learned rate per layer and step
     assert len(rates) == 18 and all(trained[k].shape == (5,) for k in rates)  # 4 x (conv, BN) x 2 + head x 2
     assert any(not torch.equal(start[k], trained[k]) for k in rates)
@@ -345,7 +346,7 @@ def test_every_algorithm_trains_on_omniglot(algorithm, tmp_path):
                          curve_steps=1, data=ROOT, log_every=1)
     start = build(spec(cfg), seed=cfg.seed)[0].state_dict()
     results = run_omniglot(cfg, Run(tmp_path, {}))
-    trained = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["algorithm"]
+    trained = read_checkpoint(tmp_path / "checkpoint.safetensors")["algorithm"]
     assert int(trained["iteration"]) == 2 and results["iterations"] == 2
     assert not torch.equal(start["model.head.weight"], trained["model.head.weight"])
     assert 0 <= results["accuracy"] <= 1 and len(results["evaluation"]["curve"]) == 4  # 0..eval_steps (3)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from metagrad.core import TaskBatch
-from metagrad.runs import Run
+from metagrad.runs import Run, read_checkpoint
 from metagrad.tasks import Sinusoid
 from metagrad.train import TrainingInterrupted, build, evaluate_checkpoint, load_checkpoint, meta_train
 
@@ -76,7 +76,7 @@ def test_sigterm_saves_a_valid_checkpoint_and_resume_matches(tmp_path):
     with pytest.raises(TrainingInterrupted, match="iteration 17 of 30"):
         train(tmp_path / "int", 30, tasks_wrapper=interrupt)
     assert signal.getsignal(signal.SIGTERM) is before  # handler restored
-    ckpt = torch.load(tmp_path / "int" / "checkpoint.pt", weights_only=False)
+    ckpt = read_checkpoint(tmp_path / "int" / "checkpoint.safetensors")
     assert ckpt["iteration"] == 17
     fresh, _ = build(SPEC, seed=1)
     load_checkpoint(fresh, ckpt)
@@ -106,9 +106,9 @@ def test_checkpoint_of_another_model_is_a_clear_error(tmp_path):
     other, _ = build({**SPEC, "model_args": {"sizes": [1, 20, 1]}})
     with pytest.raises(ValueError, match=r"another model.*model\.0\.weight has shape \[16, 1\] in the checkpoint, "
                                          r"\[20, 1\] in this model"):
-        load_checkpoint(other, tmp_path / "r" / "checkpoint.pt")
+        load_checkpoint(other, tmp_path / "r" / "checkpoint.safetensors")
     with pytest.raises(ValueError, match=r"tensors only in the checkpoint: \['model\.4\.bias', 'model\.4\.weight'\]"):
-        load_checkpoint(other, tmp_path / "r" / "checkpoint.pt")
+        load_checkpoint(other, tmp_path / "r" / "checkpoint.safetensors")
 
 
 def test_non_finite_loss_is_a_clear_error(tmp_path):
@@ -140,7 +140,7 @@ def test_same_seed_same_numbers_and_eval_reproduces(tmp_path):
     c, _, _ = train(tmp_path / "c", 8, seed=4)
     assert not torch.equal(a.state_dict()["model.0.weight"], c.state_dict()["model.0.weight"])
     _, r1 = evaluate_checkpoint(tmp_path / "a", n_tasks=50, steps=3)
-    _, r2 = evaluate_checkpoint(tmp_path / "a" / "checkpoint.pt", n_tasks=50, steps=3)
+    _, r2 = evaluate_checkpoint(tmp_path / "a" / "checkpoint.safetensors", n_tasks=50, steps=3)
     assert r1.curve == r2.curve and len(r1.curve) == 4 and r1.n_tasks == 50
 
 

@@ -49,10 +49,11 @@ def evaluate(
     steps: int | None = None,
     generator: torch.Generator | None = None,
     batch_size: int = 100,
+    progress: bool = False,
 ) -> EvalResult:
     """Adapt `algorithm` on `n_tasks` held-out tasks for 0..`steps` inner steps (default: its
     `eval_steps`, i.e. `inner_steps` unless chosen by `select_eval_steps`) and report query accuracy
-    for classification, query loss otherwise."""
+    for classification, query loss otherwise. `progress` shows a bar over the tasks."""
     steps = algorithm.eval_steps if steps is None else check_steps(steps=steps)
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
@@ -68,10 +69,19 @@ def evaluate(
     per_task = []
     metric = "loss"
     was_training = algorithm.training
+    if progress:  # a bar over tasks: 600 Omniglot episodes take minutes on a CPU
+        from tqdm.auto import tqdm
+
+        total = len(tasks) if isinstance(tasks, TaskBatch) else n_tasks
+        bar = tqdm(total=total, desc="evaluate", unit="task", dynamic_ncols=True, mininterval=0.5)
     for b in batches:
         losses, accs = algorithm.adaptation_curve(b.to(device), steps)
         metric = "accuracy" if accs is not None else "loss"
         per_task.append((accs if accs is not None else losses).cpu())
+        if progress:
+            bar.update(len(b))
+    if progress:
+        bar.close()
     algorithm.train(was_training)
     curves = torch.cat(per_task)  # [tasks, steps + 1]
     stats = [mean_ci95(curves[:, k]) for k in range(curves.shape[1])]

@@ -33,10 +33,11 @@ from torch import nn
 from metagrad.algorithms.base import Algorithm
 from metagrad.evaluation import evaluate
 from metagrad.models import MLP, Conv4
-from metagrad.runs import Run
+from metagrad.models.gnn import GCN
+from metagrad.runs import CHECKPOINT, Run, find_checkpoint, read_checkpoint
 from metagrad.tasks.base import TaskDistribution, get_family
 
-MODELS: dict[str, Any] = {"mlp": MLP, "conv4": Conv4}
+MODELS: dict[str, Any] = {"mlp": MLP, "conv4": Conv4, "gcn": GCN}
 LR_SCHEDULES = ("constant", "cosine")
 
 
@@ -126,20 +127,31 @@ def build(spec: dict[str, Any], seed: int = 0) -> tuple[Algorithm, TaskDistribut
     model_name = spec.get("model", "auto")
     model_args = dict(spec.get("model_args") or {})
     if model_name == "auto":
-        model_name = "conv4" if example.support_x.dim() == 5 else "mlp"  # [tasks, shots, C, H, W]: images
+        # A family may name its model (graph-sbm: a GCN); else images [tasks, shots, C, H, W] get a Conv4.
+        model_name = getattr(tasks, "default_model", None) or ("conv4" if example.support_x.dim() == 5 else "mlp")
     if model_name == "mlp" and "sizes" not in model_args:
         outputs = int(getattr(tasks, "ways", 0)) if classify else example.support_y.shape[-1]
         model_args["sizes"] = (example.support_x.shape[-1], 40, 40, outputs)
     if model_name == "conv4":
         model_args.setdefault("ways", int(tasks.ways))
         model_args.setdefault("in_channels", example.support_x.shape[2])
+    if model_name == "gcn":
+        model_args.setdefault("ways", int(tasks.ways))
+        model_args.setdefault("features", int(tasks.features))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the model's initialisation is part of the run's seed
         model = _call("model", model_name, _lookup("model", MODELS, model_name), model_args)
     fixed = {"model": model}
     if classify:
         fixed["loss_fn"] = nn.functional.cross_entropy
-    return _call("algorithm", spec["algorithm"], alg_cls, dict(spec.get("algorithm_args") or {}), **fixed), tasks
+    algorithm = _call("algorithm", spec["algorithm"], alg_cls, dict(spec.get("algorithm_args") or {}), **fixed)
+    # The model computes in the data's precision (float64 families: linear-gaussian, quadratic), and so do the
+    # algorithm's own meta-parameters (learned rates, a learned optimizer). Initialised in float32 first, so
+    # the seed gives the same start whatever the precision.
+    dtype = example.support_x.dtype if example.support_x.is_floating_point() else torch.get_default_dtype()
+    if dtype != next(algorithm.parameters(), torch.empty(0)).dtype:
+        algorithm.to(dtype)
+    return algorithm, tasks
 
 
 # -- checkpoints -------------------------------------------------------------------------------------
@@ -169,9 +181,7 @@ def load_checkpoint(algorithm: nn.Module, checkpoint: str | Path | dict[str, Any
     """Load a checkpoint's algorithm state into `algorithm` (after checking it fits); returns the checkpoint."""
     source = "(dict)" if isinstance(checkpoint, dict) else str(checkpoint)
     if not isinstance(checkpoint, dict):
-        if not Path(checkpoint).is_file():
-            raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        checkpoint = read_checkpoint(checkpoint)  # data only: nothing in the file is run
     check_compatible(checkpoint["identity"], algorithm, source)
     algorithm.load_state_dict(checkpoint["algorithm"])
     if hasattr(algorithm, "load_path_state"):
@@ -201,6 +211,44 @@ def _deferred_interrupts() -> Iterator[list[int]]:
             signal.signal(s, h)
 
 
+class _BudgetBar:
+    """The progress of a time-limited run, in seconds of its budget: its iteration count may be far out of
+    reach (60,000 Omniglot iterations in a 60-minute budget), so a bar over iterations would mislead."""
+
+    def __init__(self, budget: float, iterations: int, start: int, desc: str, disable: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.budget, self.iterations, self.i, self.t0 = budget, iterations, start, time.perf_counter()
+        self.bar = tqdm(total=max(budget, 1.0), desc=f"{desc} (time budget)", disable=disable, dynamic_ncols=True,
+                        mininterval=0.5, bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}<{remaining}"
+                                                    "{postfix}]")
+        self.postfix = ""
+
+    def set_postfix(self, values: dict[str, str], refresh: bool = True) -> None:
+        self.postfix = ", ".join(f"{k}={v}" for k, v in values.items())
+
+    def update(self, n: int = 1) -> None:
+        self.i += n
+        self.bar.set_postfix_str(f"iteration {self.i}/{self.iterations}" + (f", {self.postfix}" if self.postfix
+                                                                            else ""), refresh=False)
+        self.bar.update(min(time.perf_counter() - self.t0, self.budget) - self.bar.n)
+
+    def __enter__(self) -> _BudgetBar:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.close()
+
+
+def progress_bar(iterations: int, start: int, time_budget: float | None, desc: str, progress: bool) -> Any:
+    """meta_train's bar: over iterations, or over the seconds of `time_budget` when there is one."""
+    if time_budget is not None:
+        return _BudgetBar(time_budget, iterations, start, desc, not progress)
+    from tqdm.auto import tqdm
+
+    return tqdm(total=iterations, initial=start, desc=desc, disable=not progress, dynamic_ncols=True, mininterval=0.5)
+
+
 def meta_train(
     algorithm: Algorithm,
     tasks: TaskDistribution,
@@ -225,7 +273,7 @@ def meta_train(
 ) -> TrainResult:
     """Meta-train `algorithm` on tasks from `tasks` for `iterations` outer steps of `meta_batch` tasks each.
 
-    With `run`, writes metrics.jsonl and checkpoint.pt there, and if `run.resume` continues from its
+    With `run`, writes metrics.jsonl and checkpoint.safetensors there, and if `run.resume` continues from its
     checkpoint. `val_tasks` (held-out) are compared every `val_every` iterations with as many fixed
     meta-training tasks: the meta-train vs meta-test gap. `time_budget` (seconds) stops early, cleanly.
     `lr_schedule="cosine"` anneals the outer rate from `outer_lr` to `min_outer_lr` over `iterations`.
@@ -266,13 +314,10 @@ def meta_train(
                 "paths": algorithm.path_state() if hasattr(algorithm, "path_state") else {},
             })
 
-    from tqdm.auto import tqdm
-
     t0 = time.perf_counter()
     last: dict[str, float] = {}
     stopped = "done"
-    with _deferred_interrupts() as interrupts, tqdm(total=iterations, initial=start, desc=desc, disable=not progress,
-                                                    dynamic_ncols=True, mininterval=0.5) as bar:
+    with _deferred_interrupts() as interrupts, progress_bar(iterations, start, time_budget, desc, progress) as bar:
         for i in range(start, iterations):
             batch = tasks.sample(meta_batch, gen).to(device)
             if lr_schedule != "constant":
@@ -316,26 +361,44 @@ def meta_train(
     checkpoint(step)
     if not last and window.get("_n"):
         last = {k: v / window["_n"] for k, v in window.items() if k != "_n"}
+    if run is not None and window.get("_n"):  # the last, shorter window (a run shorter than log_every too)
+        run.log(step, {**{k: v / window["_n"] for k, v in window.items() if k != "_n"},
+                       "partial_window": int(window["_n"])})
     return TrainResult(step, stopped, seconds_before + time.perf_counter() - t0, last)
 
 
 def evaluate_checkpoint(path: str | Path, n_tasks: int = 1000, steps: int | None = None, seed: int | None = None,
-                        split: str = "test", device: str = "cpu") -> tuple[Algorithm, Any]:
-    """Rebuild the algorithm of a checkpoint from its spec, load it, evaluate on held-out tasks (seed: the run's)."""
+                        split: str = "test", device: str = "cpu", task_args: dict[str, Any] | None = None,
+                        one_batch: bool = False, inner_lr: float | None = None,
+                        progress: bool = False) -> tuple[Algorithm, Any]:
+    """Rebuild the algorithm of a checkpoint from its spec, load it, evaluate on held-out tasks (seed: the run's).
+
+    The protocol of the run's own table, where it differs from the defaults: `task_args` override the
+    spec's (e.g. more query points at meta-test), `one_batch` samples all `n_tasks` at once (as an
+    experiment that samples its test set in one call does), `inner_lr` is the fine-tuning rate chosen
+    after training (the pre-trained baseline's).
+    """
     path = Path(path)
     if path.is_dir():
-        path = path / "checkpoint.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+        path = find_checkpoint(path) or path / CHECKPOINT
+    state = read_checkpoint(path)  # data only: nothing in the file is run
     if not state.get("spec"):
         raise ValueError(f"checkpoint {path} has no spec to rebuild its algorithm from; "
                          "load it into your own with metagrad.train.load_checkpoint(algorithm, path)")
     algorithm, _ = build(state["spec"], seed=int(state.get("seed", 0)))
     load_checkpoint(algorithm, state)
     algorithm.to(device)
+    if inner_lr is not None:
+        from metagrad import inner
+
+        algorithm.inner_opt, algorithm.inner_lr = inner.sgd(inner_lr), inner_lr
     seed = int(state.get("seed", 0)) if seed is None else seed
+    spec = {**state["spec"], "task_args": {**(state["spec"].get("task_args") or {}), **(task_args or {})}}
+    tasks = build_tasks(spec, split=split)
     # Held-out tasks from a generator no training run uses (training: seed, seed+1, seed+2).
-    result = evaluate(algorithm, build_tasks(state["spec"], split=split), n_tasks, steps,
-                      torch.Generator().manual_seed(seed + 10_000))
+    gen = torch.Generator().manual_seed(seed + 10_000)
+    if one_batch:
+        result = evaluate(algorithm, tasks.sample(n_tasks, gen), steps=steps, progress=progress)
+    else:
+        result = evaluate(algorithm, tasks, n_tasks, steps, gen, progress=progress)
     return algorithm, result

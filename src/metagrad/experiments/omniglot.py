@@ -182,7 +182,7 @@ def run_omniglot(cfg: OmniglotConfig, run: Run) -> dict:
     )
     # Test episodes from a generator no training stage uses (training: seed, seed+1, seed+2).
     result = evaluate(algorithm, test_tasks(cfg), cfg.eval_tasks, max(cfg.curve_steps, cfg.eval_steps),
-                      torch.Generator().manual_seed(cfg.seed + 10_000))
+                      torch.Generator().manual_seed(cfg.seed + 10_000), progress=True)  # minutes on a CPU
     acc, ci = result.curve[cfg.eval_steps], result.curve_ci95[cfg.eval_steps]
     plot_curve(run, result, cfg)
     source, published = PUBLISHED.get((cfg.algorithm, cfg.ways, cfg.shots), ("", ""))

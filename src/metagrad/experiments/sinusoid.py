@@ -26,7 +26,7 @@ from metagrad import inner
 from metagrad.core import TaskBatch
 from metagrad.evaluation import EvalResult, evaluate
 from metagrad.experiments import experiment
-from metagrad.runs import Run
+from metagrad.runs import Run, atomic_write_json
 from metagrad.tasks import Sinusoid
 from metagrad.train import build, meta_train
 
@@ -154,16 +154,25 @@ def table(results: dict[str, EvalResult], cfg: SinusoidConfig, seconds: dict[str
 
 
 def run_sinusoid(cfg: SinusoidConfig, run: Run) -> dict:
-    trained, seconds = {}, {}
+    trained, seconds, children = {}, {}, {}
+    # How the table evaluates each model, kept beside its checkpoint: `metagrad eval runs/sinusoid/maml`
+    # reproduces the table's numbers (the same 1,000 tasks, sampled at once, with eval_query_shots points).
+    evaluation = {"n_tasks": cfg.eval_tasks, "steps": cfg.eval_steps, "one_batch": True,
+                  "task_args": {"query_shots": cfg.eval_query_shots}}
     for name in cfg.algorithms:
         s = spec(cfg, name)
         algorithm, tasks = build(s, seed=cfg.seed)
-        result = meta_train(algorithm, tasks, cfg.iterations, cfg.meta_batch, cfg.outer_lr, run=run.child(name, s),
+        children[name] = run.child(name, {**s, "evaluation": evaluation})
+        result = meta_train(algorithm, tasks, cfg.iterations, cfg.meta_batch, cfg.outer_lr, run=children[name],
                             seed=cfg.seed, val_tasks=tasks, val_every=cfg.val_every, spec=s, desc=name)
         seconds[name] = result.seconds  # over all sessions of a resumed run
         trained[name] = algorithm
 
     finetune_lr = choose_finetune_lr(trained["pretrain"], cfg) if "pretrain" in trained else None
+    if finetune_lr is not None:  # the baseline is evaluated at the fine-tuning rate chosen on validation tasks
+        child = children["pretrain"]
+        child.config = {**child.config, "evaluation": {**evaluation, "inner_lr": finetune_lr}}
+        atomic_write_json(child.dir / "config.json", child.config)
     test = test_tasks(cfg, cfg.eval_tasks)
     results = {name: evaluate(alg, test, steps=cfg.eval_steps) for name, alg in trained.items()}
     plot_curves(run, results, cfg)

@@ -45,6 +45,9 @@ class GraphSBM:
     noise_sd: float = 1.0
     dtype: torch.dtype = torch.float32
 
+    # The model `metagrad train --model auto` builds for these examples (metagrad.models.gnn.GCN).
+    default_model = "gcn"
+
     def __post_init__(self) -> None:
         check_positive(ways=self.ways, shots=self.shots, query_shots=self.query_shots,
                        nodes_per_class=self.nodes_per_class, features=self.features)
