@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from metagrad import __version__
+from metagrad import __version__, distributed
 from metagrad.runs import Run, find_checkpoint, has_checkpoints, normalise, read_checkpoint
 
 EXIT_USAGE = 2
@@ -298,10 +298,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     default = TrainConfig()
     out = Path(args.out or Path("runs") / f"train-{overrides.get('algorithm', default.algorithm)}-"
                                           f"{overrides.get('tasks', default.tasks)}")
-    check_resume(out, args.resume)
-    saved = saved_config(out, args.resume)
-    cfg = resolve(TrainConfig, budget_in_minutes(saved, "the saved config") if saved else None, overrides,
-                  "metagrad train")
+    # Under torchrun (WORLD_SIZE > 1) every rank joins the job; rank 0 alone reads and writes the run
+    # folder, and the others take its resolved config, so all ranks train the same thing.
+    joined = distributed.init_from_env(overrides.get("device") or "cpu")
+    cfg = None
+    if distributed.is_writer():
+        check_resume(out, args.resume)
+        saved = saved_config(out, args.resume)
+        cfg = resolve(TrainConfig, budget_in_minutes(saved, "the saved config") if saved else None, overrides,
+                      "metagrad train")
+    if joined:
+        cfg = TrainConfig(**distributed.broadcast_json(dataclasses.asdict(cfg) if cfg is not None else None))
     name = f"train-{cfg.algorithm}-{cfg.tasks}"
     # Every value checked before the run folder is made.
     check_lr_schedule(cfg.outer_lr, cfg.lr_schedule, cfg.min_outer_lr)
@@ -317,10 +324,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     algorithm, tasks = build(spec, seed=cfg.seed)
     val_tasks = build_tasks(spec, split="val") if cfg.val_every > 0 else None
     test_tasks = build_tasks(spec, split="test")
+    budget = None if cfg.budget_minutes is None else cfg.budget_minutes * 60  # meta_train takes seconds
+    if not distributed.is_writer():  # ranks 1..: their shard of every meta-batch; rank 0 evaluates and writes
+        meta_train(algorithm, tasks, cfg.iterations, cfg.meta_batch, cfg.outer_lr, run=None, resume=args.resume,
+                   seed=cfg.seed, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, time_budget=budget,
+                   device=cfg.device, spec=spec, progress=False, lr_schedule=cfg.lr_schedule,
+                   min_outer_lr=cfg.min_outer_lr)
+        return 0
     with new_folder_removed_on_error(out):
         run = Run(out, dataclasses.asdict(cfg), resume=args.resume, overwrite=args.overwrite)
         t0 = time.time()
-        budget = None if cfg.budget_minutes is None else cfg.budget_minutes * 60  # meta_train takes seconds
         trained = meta_train(algorithm, tasks, cfg.iterations, cfg.meta_batch, cfg.outer_lr, run=run,
                              seed=cfg.seed, val_tasks=val_tasks, val_every=cfg.val_every, val_n_tasks=cfg.val_tasks,
                              log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, time_budget=budget,

@@ -135,6 +135,59 @@ def _share_path_choice(alg: Any, batch: Any, iteration: int) -> None:
         alg.timer.chosen[key] = candidates[int(code)]
 
 
+def _device_tensor(t: Tensor) -> Tensor:
+    return t.cuda() if dist.get_backend() == "nccl" else t
+
+
+def agree(*flags: bool) -> tuple[bool, ...]:
+    """Each flag true on every rank if it is true on any (a stop decision all ranks take together, so
+    that none waits in a collective for a rank that has stopped)."""
+    if world() == 1:
+        return tuple(bool(f) for f in flags)
+    t = _device_tensor(torch.tensor([int(bool(f)) for f in flags], dtype=torch.int64))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return tuple(bool(v) for v in t.tolist())
+
+
+def _broadcast_bytes(data: bytes | None) -> bytes | None:
+    """Rank 0's bytes (or None) on every rank."""
+    size = _device_tensor(torch.tensor([-1 if data is None else len(data)], dtype=torch.int64))
+    dist.broadcast(size, 0)
+    n = int(size.item())
+    if n < 0:
+        return None
+    buf = torch.frombuffer(bytearray(data), dtype=torch.uint8) if rank() == 0 else torch.empty(n, dtype=torch.uint8)
+    buf = _device_tensor(buf)
+    dist.broadcast(buf, 0)
+    return bytes(buf.cpu().numpy())
+
+
+def broadcast_json(obj: Any) -> Any:
+    """Rank 0's JSON-able `obj` on every rank (a config, a decision): sent as JSON text, never pickled."""
+    data = _broadcast_bytes(json.dumps(obj).encode() if rank() == 0 else b"")
+    return json.loads(data.decode())
+
+
+def broadcast_checkpoint(path: Any) -> dict[str, Any] | None:
+    """Rank 0's checkpoint file (`path`, or None: no checkpoint) read on every rank, as data: the other
+    ranks receive its bytes and read them with the same safe reader, so no shared filesystem is needed."""
+    import tempfile
+    from pathlib import Path
+
+    from metagrad.runs import read_checkpoint
+
+    name = _broadcast_bytes(None if path is None else Path(path).name.encode())
+    data = _broadcast_bytes(None if path is None else Path(path).read_bytes())
+    if name is None or data is None:
+        return None
+    if rank() == 0:
+        return read_checkpoint(path)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / name.decode()
+        local.write_bytes(data)
+        return read_checkpoint(local)
+
+
 # -- the local launcher: forked processes on one machine ---------------------------------------------------
 class _Channel:
     """Broadcasts over a private gloo group: tensors as they are, metadata as JSON bytes (no pickle)."""

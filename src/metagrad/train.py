@@ -2,12 +2,13 @@
 
     gen = Generator(seed)
     for iteration in start..iterations:
-        batch = tasks.sample(meta_batch, gen)            # [meta_batch, shots, ...]
-        metrics = algorithm.meta_step(batch, optimizer)  # Adam(outer_lr) by default; lr_schedule sets its rate
+        batch = tasks.sample(meta_batch, gen)            # [meta_batch, shots, ...], the same on every rank
+        metrics = train_step(algorithm, batch, ...)      # meta-gradient (all-reduced under torchrun), Adam step
         every log_every:        metrics.jsonl line (means over the window), progress bar
         every val_every:        query loss/accuracy on fixed meta-train and held-out tasks, and their gap
         every checkpoint_every: checkpoint (algorithm, optimizer, task generator, log window)
     Ctrl-C / SIGTERM: finish the iteration, save a checkpoint, raise TrainingInterrupted.
+    torchrun: only rank 0 writes; the ranks stop together (metagrad.distributed).
 
 A checkpoint holds everything the loop's future depends on, so a resumed run is bit-identical to
 an uninterrupted one. It also holds a `spec` (names and arguments of algorithm, model and task
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from metagrad import distributed
 from metagrad.algorithms.base import Algorithm
 from metagrad.evaluation import evaluate
 from metagrad.models import MLP, Conv4
@@ -249,6 +251,45 @@ def progress_bar(iterations: int, start: int, time_budget: float | None, desc: s
     return tqdm(total=iterations, initial=start, desc=desc, disable=not progress, dynamic_ncols=True, mininterval=0.5)
 
 
+def train_step(algorithm: Algorithm, batch: Any, optimizer: torch.optim.Optimizer, iteration: int,
+               iterations: int, outer_lr: float, lr_schedule: str = "constant",
+               min_outer_lr: float = 0.0) -> dict[str, float]:
+    """One meta-iteration: the outer rate of `iteration`, then the algorithm's train step (meta-gradient,
+    all-reduced over the ranks of a torchrun job, and the optimizer step); returns its metrics."""
+    lr = outer_lr_at(iteration, iterations, outer_lr, lr_schedule, min_outer_lr)
+    if lr_schedule != "constant":
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+    metrics = algorithm.train_step(batch, optimizer, iteration)
+    return {**metrics, "outer_lr": lr} if lr_schedule != "constant" else metrics
+
+
+def _resume_state(run: Run | None, resume: bool) -> dict[str, Any] | None:
+    """The checkpoint to resume from: rank 0 reads it and, in a torchrun job, sends its bytes to the
+    other ranks (who may be on machines without the run folder), each of which reads them as data."""
+    if not resume:
+        return None
+    if distributed.world() == 1:
+        return run.load_checkpoint() if run is not None else None
+    path = run.existing_checkpoint() if run is not None and distributed.is_writer() else None
+    return distributed.broadcast_checkpoint(path)
+
+
+def _checkpoint_state(algorithm: Algorithm, optimizer: torch.optim.Optimizer, gen: torch.Generator,
+                      iteration: int, window: dict[str, float], seconds: float, **settings: Any) -> dict[str, Any]:
+    """Everything the loop's future depends on, so that a resumed run is bit-identical to an uninterrupted one."""
+    return {"iteration": iteration, "algorithm": algorithm.state_dict(), "identity": identity(algorithm),
+            "optimizer": optimizer.state_dict(), "generator": gen.get_state(), "window": window,
+            "seconds": seconds, **settings,
+            # The execution paths `auto` chose by timing (and the timings so far): a resumed run takes
+            # the same paths, so it is bit-identical to an uninterrupted one.
+            "paths": algorithm.path_state() if hasattr(algorithm, "path_state") else {}}
+
+
+def _window_mean(window: dict[str, float]) -> dict[str, float]:
+    return {k: v / window["_n"] for k, v in window.items() if k != "_n"}
+
+
 def meta_train(
     algorithm: Algorithm,
     tasks: TaskDistribution,
@@ -270,6 +311,7 @@ def meta_train(
     desc: str = "meta-train",
     lr_schedule: str = "constant",
     min_outer_lr: float = 0.0,
+    resume: bool | None = None,
 ) -> TrainResult:
     """Meta-train `algorithm` on tasks from `tasks` for `iterations` outer steps of `meta_batch` tasks each.
 
@@ -277,56 +319,54 @@ def meta_train(
     checkpoint. `val_tasks` (held-out) are compared every `val_every` iterations with as many fixed
     meta-training tasks: the meta-train vs meta-test gap. `time_budget` (seconds) stops early, cleanly.
     `lr_schedule="cosine"` anneals the outer rate from `outer_lr` to `min_outer_lr` over `iterations`.
+
+    In a torchrun job every rank calls this with the same arguments: every rank draws the same global
+    meta-batch from `seed` and computes its shard of it (`metagrad.distributed`); only rank 0 writes to
+    `run` (the others may pass `run=None` with `resume=True` to resume from rank 0's checkpoint), and
+    the decisions to stop (time budget, Ctrl-C/SIGTERM) are taken together.
     """
     for name, value in (("iterations", iterations), ("meta_batch", meta_batch)):
         if int(value) != value or value < (0 if name == "iterations" else 1):
             raise ValueError(f"{name} must be a {'non-negative' if name == 'iterations' else 'positive'} "
                              f"integer, got {value!r}")
     check_lr_schedule(outer_lr, lr_schedule, min_outer_lr)
+    writer = distributed.is_writer()
+    writes = run if writer else None
     device = torch.device(device)
     algorithm.to(device)
     optimizer = optimizer or torch.optim.Adam(algorithm.parameters(), lr=outer_lr)
     gen = torch.Generator().manual_seed(seed)
     window: dict[str, float] = {}  # sums of metrics since the last log line
     start, seconds_before = 0, 0.0  # a resumed run's iterations and training seconds so far
-    state = run.load_checkpoint() if run is not None and run.resume else None
+    state = _resume_state(run, run.resume if resume is None and run is not None else bool(resume))
     if state is not None:
         load_checkpoint(algorithm, state)
         optimizer.load_state_dict(state["optimizer"])
         gen.set_state(state["generator"])
         window = dict(state["window"])
         start, seconds_before = int(state["iteration"]), float(state.get("seconds", 0.0))
-        run.truncate_metrics(start)
-    if val_tasks is not None and val_every > 0:
+        if writes is not None:
+            writes.truncate_metrics(start)
+    validate = val_tasks is not None and val_every > 0 and writer
+    if validate:
         # Fixed sets from their own generators: validation never moves the training generator.
         fixed_val = val_tasks.sample(val_n_tasks, torch.Generator().manual_seed(seed + 1))
         fixed_train = tasks.sample(val_n_tasks, torch.Generator().manual_seed(seed + 2))
 
     def checkpoint(iteration: int) -> None:
-        if run is not None:
-            run.save_checkpoint({
-                "iteration": iteration, "algorithm": algorithm.state_dict(), "identity": identity(algorithm),
-                "optimizer": optimizer.state_dict(), "generator": gen.get_state(), "window": window,
-                "spec": spec, "seed": seed, "meta_batch": meta_batch, "outer_lr": outer_lr,
-                "seconds": seconds_before + time.perf_counter() - t0,
-                # The execution paths `auto` chose by timing (and the timings so far): a resumed run
-                # takes the same paths, so it is bit-identical to an uninterrupted one.
-                "paths": algorithm.path_state() if hasattr(algorithm, "path_state") else {},
-            })
+        if writes is not None:
+            writes.save_checkpoint(_checkpoint_state(
+                algorithm, optimizer, gen, iteration, window, seconds_before + time.perf_counter() - t0,
+                spec=spec, seed=seed, meta_batch=meta_batch, outer_lr=outer_lr))
 
     t0 = time.perf_counter()
     last: dict[str, float] = {}
     stopped = "done"
-    with _deferred_interrupts() as interrupts, progress_bar(iterations, start, time_budget, desc, progress) as bar:
+    with _deferred_interrupts() as interrupts, \
+            progress_bar(iterations, start, time_budget, desc, progress and writer) as bar:
         for i in range(start, iterations):
-            batch = tasks.sample(meta_batch, gen).to(device)
-            if lr_schedule != "constant":
-                lr = outer_lr_at(i, iterations, outer_lr, lr_schedule, min_outer_lr)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-            metrics = algorithm.meta_step(batch, optimizer)
-            if lr_schedule != "constant":
-                metrics = {**metrics, "outer_lr": lr}
+            batch = tasks.sample(meta_batch, gen).to(device)  # the global batch; each rank takes its shard
+            metrics = train_step(algorithm, batch, optimizer, i, iterations, outer_lr, lr_schedule, min_outer_lr)
             for k, v in metrics.items():
                 window[k] = window.get(k, 0.0) + v
             window["_n"] = window.get("_n", 0.0) + 1
@@ -334,36 +374,35 @@ def meta_train(
             line: dict[str, float] = {}
             # Lines only at multiples (not at the last step): a run extended later logs what a longer run would.
             if step % log_every == 0:
-                n = window.pop("_n")
-                line = {k: v / n for k, v in window.items()}
+                line = last = _window_mean(window)
                 window = {}
-                last = line
                 bar.set_postfix({k: f"{v:.4g}" for k, v in line.items() if k != "grad_norm"}, refresh=False)
-            if val_tasks is not None and val_every > 0 and step % val_every == 0:
+            if validate and step % val_every == 0:
                 on_train = evaluate(algorithm, fixed_train)
                 on_val = evaluate(algorithm, fixed_val)
                 line = {**line, f"meta_train_{on_val.metric}": on_train.mean, f"meta_test_{on_val.metric}": on_val.mean,
                         "gap": on_val.mean - on_train.mean, "meta_test_ci95": on_val.ci95}
-            if line and run is not None:
-                run.log(step, line)
+            if line and writes is not None:
+                writes.log(step, line)
             bar.update(1)
             if step % checkpoint_every == 0 and step < iterations:
                 checkpoint(step)
-            if interrupts:
+            over_budget = time_budget is not None and time.perf_counter() - t0 > time_budget and step < iterations
+            interrupted, over_budget = distributed.agree(bool(interrupts), over_budget)
+            if interrupted:
                 checkpoint(step)
                 raise TrainingInterrupted(f"interrupted at iteration {step} of {iterations}; checkpoint saved"
                                           + (f" in {run.dir}" if run is not None else ""))
-            if time_budget is not None and time.perf_counter() - t0 > time_budget and step < iterations:
+            if over_budget:
                 stopped = "time_budget"
                 break
         else:
             step = max(start, iterations)
     checkpoint(step)
     if not last and window.get("_n"):
-        last = {k: v / window["_n"] for k, v in window.items() if k != "_n"}
-    if run is not None and window.get("_n"):  # the last, shorter window (a run shorter than log_every too)
-        run.log(step, {**{k: v / window["_n"] for k, v in window.items() if k != "_n"},
-                       "partial_window": int(window["_n"])})
+        last = _window_mean(window)
+    if writes is not None and window.get("_n"):  # the last, shorter window (a run shorter than log_every too)
+        writes.log(step, {**_window_mean(window), "partial_window": int(window["_n"])})
     return TrainResult(step, stopped, seconds_before + time.perf_counter() - t0, last)
 
 

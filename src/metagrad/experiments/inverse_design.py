@@ -27,6 +27,7 @@ from metagrad.evaluation import mean_ci95
 from metagrad.experiments import experiment
 from metagrad.experiments.starts import compare, maml_and_pooled, plot_curves
 from metagrad.models.generator import CouplingFlow
+from metagrad.paths import ExecPath
 from metagrad.runs import Run
 from metagrad.tasks.inverse_design import N_RANGE, InverseDesign, from_scaled, hits
 
@@ -102,9 +103,10 @@ def cost_of_order(model: CouplingFlow, cfg: Config, batch) -> list[dict]:
             times[o].append(time.perf_counter() - t0)
     rows = []
     for o, alg in algs.items():
-        # The whole meta-batch's graph, built task by task: saved-tensor hooks cannot see inside vmap.
+        # The whole meta-batch's graph, built task by task (saved-tensor hooks cannot see inside vmap), from
+        # the objective itself: meta_loss and meta_step hold one task's graph at a time.
         looped = MAML(alg.model, cfg.inner_lr, cfg.inner_steps, order=o, loss_fn=nll, path="loop")
-        _, nbytes = graph_bytes(lambda looped=looped: looped.meta_loss(batch))
+        _, nbytes = graph_bytes(lambda looped=looped: looped.objective(batch, 0, ExecPath("loop"))[0])
         rows.append({"order": o, "path": alg.exec_path(), "s_per_meta_step": round(statistics.median(times[o][1:]), 4),
                      "graph_MB": round(nbytes / 2**20, 3)})
     return rows
