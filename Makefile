@@ -62,7 +62,9 @@ bench-deps:
 	  && for f in meta_dataset task_dataset transforms; do ../../bin/cython -3 learn2learn/data/$$f.pyx; done \
 	  && ../../bin/python -m pip install --no-build-isolation --no-deps .
 	$(BBIN)/python -m pip install requests scipy gym==0.26.2 "$(TORCH_PIN)"
-	$(BBIN)/python -c 'import torch, higher, torchopt, learn2learn; print("peers ready; torch", torch.__version__)'
+	# learn2learn imports torchvision, which has no build for this torch: benchmarks/speed.py stubs it.
+	cd benchmarks && ../$(BBIN)/python -c 'import speed, torch, higher, torchopt; speed._stub_torchvision(); \
+	  import learn2learn; print("peers ready; torch", torch.__version__)'
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

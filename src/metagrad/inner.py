@@ -87,6 +87,14 @@ def _key(name: str) -> str:
     return name.replace(".", "__")
 
 
+def scale(factor: float) -> InnerOptimizer:
+    """Multiply the incoming updates by `factor` (optax.scale): `chain(adam(1.0), scale(lr))` is Adam at `lr`."""
+    def update(grads: Params, state: object, params: Params, step: int | None = None) -> tuple[Params, object]:
+        return {n: factor * g for n, g in grads.items()}, state
+
+    return InnerOptimizer(lambda params: None, update, nn.ParameterDict(), name=f"scale({factor:g})")
+
+
 def sgd(lr: float) -> InnerOptimizer:
     """Plain gradient descent with a fixed rate: the inner loop of MAML."""
     def update(grads: Params, state: object, params: Params, step: int | None = None) -> tuple[Params, object]:

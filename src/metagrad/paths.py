@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import statistics
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -122,6 +123,10 @@ def choose_path(model: nn.Module, order: int, device: torch.device, path: str | 
     if p.base == "auto":
         convs = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
         p = p.replace(base="vmap" if vmap_ok and (device.type == "cuda" or not convs) else "loop")
+    if p.cl and p.base == "vmap":
+        raise ValueError("path option 'cl' (channels-last) runs on the loop path only: torch.func.vmap cannot "
+                         "change memory formats (torch 2.13: 'NYI: querying is_contiguous inside of vmap'); "
+                         "use 'loop+cl' or 'vmap'")
     if p.bf16 and device.type not in ("cpu", "cuda"):
         raise ValueError(f"path option 'bf16' needs a CPU or CUDA device, the model is on {device}")
     return p
@@ -182,6 +187,28 @@ class PathTimer:
                 if c.base == "vmap" and self.task_bytes[key] * tasks > budget / 2 and not times[str(c)]:
                     times[str(c)] = [math.inf] * (TIMED_RUNS + 1)  # predicted not to fit: never tried
         return min(candidates, key=lambda c: len(times[str(c)]))
+
+    def needs_size(self, key: tuple, candidates: list[ExecPath], path: ExecPath) -> bool:
+        """True for the first loop run of a workload that may still try vmap: measure one task's graph then."""
+        return path.base == "loop" and key not in self.task_bytes and key not in self.chosen \
+            and any(c.base == "vmap" for c in candidates)
+
+    @contextmanager
+    def measure(self, key: tuple):
+        """Record the bytes of the storages saved for backward while the block builds one task's graph
+        (what vmap would hold for every task of the batch at once)."""
+        seen: dict[int, int] = {}
+        peak = [0]
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            s = t.untyped_storage()
+            seen.setdefault(s.data_ptr(), s.nbytes())
+            peak[0] = max(peak[0], sum(seen.values()))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield
+        self.task_bytes[key] = peak[0]
 
     def record(self, key: tuple, path: ExecPath, seconds: float) -> str | None:
         """Add a timing; returns the chosen path when this timing completes the choice."""

@@ -227,6 +227,13 @@ class Algorithm(nn.Module):
                 weakref.finalize(self, self._pool.close)
             return self._pool.meta_gradient(batch, iteration, path.replace(parallel=False))
         start = time.perf_counter()
+        order = self.order_at(iteration)
+        key = self._workload(batch, order)
+        if self.timer.needs_size(key, paths.path_candidates(self.model, order, self.device(), self.path), path):
+            # One task's graph, measured in the loop's first (warm-up, untimed) run: `auto` will not try
+            # vmap where every task's graph at once would not fit in the memory available.
+            with self.timer.measure(key), torch.enable_grad():
+                self.objective(batch[0:1], iteration, path.replace(parallel=False))
         grads = self.local_meta_gradient(batch, iteration, path.replace(parallel=False), chunk_size)
         if self.device().type == "cuda":
             torch.cuda.synchronize()

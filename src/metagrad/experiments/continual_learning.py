@@ -83,10 +83,11 @@ def accuracy_matrix(alg: SequentialMAML, test: TaskBatch) -> Tensor:
     """R `[tasks, ways, ways]`: R[:, t, j] = query accuracy on class j after learning classes 0..t (j <= t)."""
     ways = alg.ways
     R = torch.zeros(len(test), ways, ways)
-    on = alg.adapter(order=0)
+    after = alg.trajectories(test.support, alg.inner_steps)  # {name: [tasks, 1 + ways, ...]}: after each class
     for i in range(len(test)):
-        sx, sy, qx, qy = (t[i] for t in test.tensors())
-        for t, p in enumerate(on.trajectory(alg.params(), (sx, sy))[1:]):
+        qx, qy = test.query_x[i], test.query_y[i]
+        for t in range(ways):
+            p = {n: v[i, t + 1] for n, v in after.items()}
             pred = alg.f(p, qx)[:, : t + 1].argmax(-1)
             for j in range(t + 1):
                 R[i, t, j] = (pred[qy == j] == j).float().mean()
