@@ -236,3 +236,18 @@ def test_auto_does_not_try_vmap_where_every_task_graph_at_once_would_not_fit(gen
         alg.meta_gradient(batch)
         assert alg.exec_path() == "loop"
     assert alg.path_report()["chosen"] == {key: "loop"}
+
+
+def test_meta_gradient_reads_the_schedules_at_the_iteration_given(gen):
+    """MAML++'s multi-step loss and order annealing follow the `iteration` argument, not hidden state."""
+    def alg(**kw) -> MAML:
+        torch.manual_seed(0)
+        return MAML(MLP((1, 8, 1)).double(), inner_lr=0.05, inner_steps=3, **kw)
+
+    batch = Sinusoid(shots=5, query_shots=5, dtype=torch.float64).sample(4, gen)
+    plus = alg(multi_step_loss_iters=10, order_anneal_iters=5)
+    early, late = flat(plus.meta_gradient(batch, iteration=0)), flat(plus.meta_gradient(batch, iteration=20))
+    assert int(plus.iteration) == 0 and rel_err(early, late) > 1e-3
+    assert rel_err(late, flat(alg(order=2).meta_gradient(batch))) < 1e-12  # both schedules over: plain MAML
+    plus.iteration.fill_(20)
+    assert torch.equal(flat(plus.meta_gradient(batch)), late)  # the default is the algorithm's own count
