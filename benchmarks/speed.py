@@ -14,14 +14,17 @@ Models (synthetic data, so nothing to download):
 
 Timing: implementations alternate within each repeat; the median is printed. Peers run with
 all the process's threads (torch's default); `parallel` paths run one process per core, one
-thread each. Memory: the peak resident memory added during one meta-iteration, summed over the
-process and its workers: freed heap is first returned to the OS (`malloc_trim`), then the kernel's
-peak-RSS counter is reset (`/proc/PID/clear_refs`) and read after the iteration (`VmHWM`). torch's
-CPU tensors live in malloc'd memory that tracemalloc does not see, hence this measure.
+thread each: the sharded meta-gradient of a torchrun job (`metagrad.distributed`) on forked
+ranks, so `metagrad loop` against `metagrad parallel` is 1 rank against 2 on a 2-core machine.
+Memory: the peak resident memory added during one meta-iteration, summed over the process and
+its workers: freed heap is first returned to the OS (`malloc_trim`), then the kernel's peak-RSS
+counter is reset (`/proc/PID/clear_refs`) and read after the iteration (`VmHWM`). torch's CPU
+tensors live in malloc'd memory that tracemalloc does not see, hence this measure.
 
     python benchmarks/speed.py                       # everything, ~5 min on 2 idle cores
     python benchmarks/speed.py --quick               # 8 tasks, 2 repeats: a smoke run
     python benchmarks/speed.py --model omniglot-max --order 2 --peers learn2learn torchopt
+    python benchmarks/speed.py --model omniglot-max --order 2 --meta-batch 32 --paths loop parallel  # 1 vs 2 ranks
 """
 
 from __future__ import annotations
