@@ -31,3 +31,14 @@ def finite_difference(
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative error ||a - b|| / max(||b||, tiny)."""
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def one_line_error(capsys, argv: list[str], *fragments: str) -> None:
+    """`metagrad argv` fails with exit 2 and one line on stderr that holds every fragment, no traceback."""
+    from metagrad.cli import main
+
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("metagrad: error: ") and "Traceback" not in err, err
+    for f in fragments:
+        assert f in err, err

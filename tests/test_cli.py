@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import one_line_error
 
 from metagrad.cli import main
 from metagrad.runs import read_checkpoint
@@ -23,14 +24,6 @@ TINY_SINUSOID = ["--set", "iterations=10", "--set", "eval_tasks=20", "--set", "e
 @pytest.fixture(autouse=True)
 def in_tmp(tmp_path, monkeypatch, one_thread):
     monkeypatch.chdir(tmp_path)
-
-
-def one_line_error(capsys, argv, *fragments):
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("metagrad: error: ") and "Traceback" not in err, err
-    for f in fragments:
-        assert f in err, err
 
 
 def test_list_names_experiments_algorithms_and_families(capsys):

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import one_line_error
 
 from metagrad.cli import main
 from metagrad.runs import CheckpointError, Run, normalise, read_checkpoint, save_checkpoint
@@ -35,14 +36,6 @@ def crafted(folder: str, name: str = "checkpoint.pt") -> Path:
     torch.save({"iteration": 1, "algorithm": {"w": torch.zeros(1)}, "identity": Payload(marker),
                 "spec": {"algorithm": "maml", "tasks": "sinusoid"}}, Path(folder, name))
     return Path(folder, "PWNED")
-
-
-def one_line_error(capsys, argv, *fragments):
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and err.startswith("metagrad: error: ") and "Traceback" not in err, err
-    for f in fragments:
-        assert f in err, err
 
 
 @pytest.mark.parametrize("name", ["checkpoint.pt", "checkpoint.safetensors"])
