@@ -251,3 +251,24 @@ def test_meta_gradient_reads_the_schedules_at_the_iteration_given(gen):
     assert rel_err(late, flat(alg(order=2).meta_gradient(batch))) < 1e-12  # both schedules over: plain MAML
     plus.iteration.fill_(20)
     assert torch.equal(flat(plus.meta_gradient(batch)), late)  # the default is the algorithm's own count
+
+
+def test_a_deep_copy_trains_its_own_learned_inner_rates(gen):
+    """The inner optimizer reads its rates through closures: a copied algorithm must read its own."""
+    import copy
+
+    from metagrad.algorithms import MetaSGD
+
+    torch.manual_seed(0)
+    alg = MetaSGD(MLP((1, 8, 1)).double(), inner_lr=0.05)
+    twin = copy.deepcopy(alg)
+    batch = Sinusoid(shots=5, query_shots=5, dtype=torch.float64).sample(3, gen)
+    g, h = alg.meta_gradient(batch), twin.meta_gradient(batch)
+    rates = [n for n in g if n.startswith("inner_meta_params.")]
+    assert rates and all(float(h[n].abs().sum()) > 0 for n in rates)
+    assert rel_err(flat(h), flat(g)) < 1e-14
+    with torch.no_grad():
+        for p in twin.inner_meta_params.values():
+            p.mul_(2.0)  # the twin's rates change, the original's do not
+    assert rel_err(flat(alg.meta_gradient(batch)), flat(g)) < 1e-14
+    assert rel_err(flat(twin.meta_gradient(batch)), flat(g)) > 1e-3

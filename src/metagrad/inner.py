@@ -13,7 +13,9 @@ because `update` uses them differentiably.
 
 from __future__ import annotations
 
+import copy
 import math
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -41,6 +43,22 @@ class InnerOptimizer:
     def select(self, params: Params) -> Params:
         """The parameters this optimizer adapts, in `params`' order."""
         return dict(params) if self.adapts is None else {n: p for n, p in params.items() if n in self.adapts}
+
+    def __deepcopy__(self, memo: dict) -> InnerOptimizer:
+        # `init` and `update` read their learned tensors through their closures: a copy must read the
+        # copied tensors (the ones its algorithm's copy trains), not the original's.
+        return InnerOptimizer(_copy_function(self.init, memo), _copy_function(self.update, memo),
+                              copy.deepcopy(self.meta_params, memo), self.name, self.adapts)
+
+
+def _copy_function(f: Callable, memo: dict) -> Callable:
+    """`f` with the contents of its closure deep-copied (sharing `memo` with the rest of the copy)."""
+    if not isinstance(f, types.FunctionType) or not f.__closure__:
+        return copy.deepcopy(f, memo)
+    cells = tuple(types.CellType(copy.deepcopy(c.cell_contents, memo)) for c in f.__closure__)
+    g = types.FunctionType(f.__code__, f.__globals__, f.__name__, f.__defaults__, cells)
+    g.__kwdefaults__ = f.__kwdefaults__
+    return g
 
 
 def _count(state: int, step: int | None) -> int:
