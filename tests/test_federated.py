@@ -1,0 +1,295 @@
+"""Federated meta-learning (metagrad.federated): the pure client update, aggregation and server step."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from metagrad import federated as fed
+from metagrad.algorithms import MAML, MetaSGD, Reptile
+from metagrad.core import TaskBatch
+from metagrad.models import MLP
+from metagrad.runs import read_checkpoint, save_checkpoint
+from metagrad.tasks import Sinusoid
+
+
+def model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return MLP((1, 8, 8, 1)).double()
+
+
+def tasks(n: int = 4, shots: int = 5, query_shots: int = 6, seed: int = 1) -> TaskBatch:
+    return Sinusoid(shots=shots, query_shots=query_shots, dtype=torch.float64).sample(
+        n, torch.Generator().manual_seed(seed))
+
+
+def clients_of(batch: TaskBatch) -> dict[str, TaskBatch]:
+    return {f"c{i}": batch[i] for i in range(len(batch))}
+
+
+def close(a: dict, b: dict, rel: float = 1e-10) -> None:
+    assert list(a) == list(b)
+    for n in a:
+        scale = max(float(b[n].abs().max()), 1e-12)
+        assert float((a[n] - b[n]).abs().max()) <= rel * scale, (n, float((a[n] - b[n]).abs().max()), scale)
+
+
+def federated_round(alg, strategy, batch, optimizer="sgd", lr=0.1, **kw):
+    server = fed.Server({n: p.detach() for n, p in alg.meta_parameters().items()}, optimizer, lr, **kw)
+    report = fed.run_round(server, strategy, alg, clients_of(batch))
+    return server, report
+
+
+def centralised_step(alg, batch, optimizer="sgd", lr=0.1, fresh=False, **kw):
+    alg = alg if fresh else copy.deepcopy(alg)
+    cls = torch.optim.SGD if optimizer == "sgd" else torch.optim.Adam
+    opt = cls(alg.meta_parameters().values(), lr=lr, **kw)
+    alg.train_step(batch, opt, iteration=0)
+    return {n: p.detach() for n, p in alg.meta_parameters().items()}
+
+
+def test_import_metagrad_does_not_import_flower():
+    code = "import metagrad, metagrad.federated, sys; print('flwr' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("order", [2, 1])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_fedmaml_round_equals_centralised_maml_step(order, optimizer):
+    alg = MAML(model(), inner_lr=0.05, inner_steps=2, order=order, path="loop")
+    batch = tasks()
+    server, report = federated_round(alg, fed.fedmaml(order), batch, optimizer)
+    assert report["stepped"] and report["accepted"] == ["c0", "c1", "c2", "c3"]
+    expected = centralised_step(alg, batch, optimizer)
+    close(server.weights(), expected)
+    start = {n: p.detach() for n, p in alg.meta_parameters().items()}
+    assert any(float((expected[n] - start[n]).abs().max()) > 1e-4 for n in start)  # the step moved the model
+
+
+def test_first_order_fedmaml_differs_from_second_order():
+    batch = tasks()
+    w1, _ = federated_round(MAML(model(), 0.05, 2, order=2, path="loop"), fed.fedmaml(1), batch)
+    w2, _ = federated_round(MAML(model(), 0.05, 2, order=2, path="loop"), fed.fedmaml(2), batch)
+    diff = max(float((w1.weights()[n] - w2.weights()[n]).abs().max()) for n in w1.params)
+    assert diff > 1e-6
+    # first-order FedMAML on an order-2 algorithm equals centralised first-order MAML
+    close(w1.weights(), centralised_step(MAML(model(), 0.05, 2, order=1, path="loop"), batch))
+
+
+def test_clients_of_different_sizes_are_weighted_by_size():
+    alg = MAML(model(), inner_lr=0.05, inner_steps=1, path="loop")
+    small, large = tasks(1, 3, 4, seed=2), tasks(1, 10, 12, seed=3)
+    theta = {n: p.detach().clone() for n, p in alg.meta_parameters().items()}
+    u_small = fed.client_update(fed.fedmaml(), alg, theta, small)
+    u_large = fed.client_update(fed.fedmaml(), alg, theta, large)
+    assert (u_small.size, u_large.size) == (7, 22)
+    mean, accepted, rejected = fed.aggregate([u_small, u_large], theta)
+    assert len(accepted) == 2 and not rejected
+    by_hand = {n: (7 * alg.meta_gradient(small, 0)[n] + 22 * alg.meta_gradient(large, 0)[n]) / 29 for n in theta}
+    close(mean, by_hand)
+    server = fed.Server(theta, "sgd", lr=0.5)
+    server.round([u_small, u_large])
+    close(server.weights(), {n: theta[n] - 0.5 * by_hand[n] for n in theta})
+    # the client's algorithm is left as it was
+    close({n: p.detach() for n, p in alg.meta_parameters().items()}, theta, rel=0)
+
+
+def test_fedreptile_equals_reptile_outer_step():
+    alg = Reptile(model(), inner_lr=0.02, inner_steps=3, path="loop")
+    batch = tasks()
+    server, _ = federated_round(alg, fed.fedreptile(), batch, "sgd", lr=0.5)
+    close(server.weights(), centralised_step(alg, batch, "sgd", lr=0.5))
+    with pytest.raises(TypeError, match="Reptile"):
+        fed.client_update(fed.fedreptile(), MAML(model(), path="loop"), server.weights(), batch[0])
+
+
+def test_fedavg_is_the_size_weighted_mean_of_local_models():
+    alg = MAML(model(), inner_lr=0.03, inner_steps=1, path="loop")
+    a, b = tasks(1, 4, 4, seed=4), tasks(1, 8, 9, seed=5)
+    theta = {n: p.detach().clone() for n, p in alg.meta_parameters().items()}
+    server = fed.Server(theta, "sgd", lr=1.0)
+    server.round([fed.client_update(fed.fedavg(local_steps=3), alg, theta, d) for d in (a, b)])
+
+    def local(d):  # three plain SGD steps on all of the client's data
+        w = {n.removeprefix("model."): p.clone().requires_grad_(True) for n, p in theta.items()}
+        x, y = torch.cat([d.support_x[0], d.query_x[0]]), torch.cat([d.support_y[0], d.query_y[0]])
+        for _ in range(3):
+            loss = torch.nn.functional.mse_loss(torch.func.functional_call(alg.model, w, (x,)), y)
+            g = torch.autograd.grad(loss, list(w.values()))
+            w = {n: (p - 0.03 * gi).detach().requires_grad_(True) for (n, p), gi in zip(w.items(), g)}
+        return w
+
+    wa, wb = local(a), local(b)
+    close(server.weights(), {n: (8 * wa[n[6:]] + 17 * wb[n[6:]]).detach() / 25 for n in theta})
+    assert max(float((server.weights()[n] - theta[n]).abs().max()) for n in theta) > 1e-4
+
+
+def test_fedavg_finetune_evaluates_after_local_steps():
+    alg = MAML(model(), inner_lr=0.05, path="loop")
+    d = tasks(1, 10, 10, seed=6)
+    theta = {n: p.detach().clone() for n, p in alg.meta_parameters().items()}
+    before = fed.client_evaluate(fed.fedavg(), alg, theta, d)["loss"]
+    after = fed.client_evaluate(fed.fedavg_finetune(eval_steps=5), alg, theta, d)["loss"]
+    assert after < before
+
+
+def _fd_hvp(loss_of, w, v, eps=1e-5):
+    plus = torch.func.grad(loss_of)({n: w[n] + eps * v[n] for n in w})
+    minus = torch.func.grad(loss_of)({n: w[n] - eps * v[n] for n in w})
+    return {n: (plus[n] - minus[n]) / (2 * eps) for n in w}
+
+
+def test_perfedavg_hessian_vector_product_matches_finite_differences():
+    alg = MAML(model(), path="loop")
+    d = tasks(1, 7, 7, seed=7)
+    w = {n: p.detach().clone() for n, p in alg.params().items()}
+    g = torch.Generator().manual_seed(0)
+    v = {n: torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in w.items()}
+    ad = alg.adapter(order=0)
+
+    def loss_of(p):
+        return ad.loss(p, (d.support_x[0], d.support_y[0]))
+
+    exact = fed.hessian_vector_product(loss_of, w, v)
+    close(exact, _fd_hvp(loss_of, w, v), rel=1e-6)
+
+
+def test_perfedavg_hf_one_step_is_beta_times_maml_meta_gradient():
+    # With D'' = D (the support split) and one local step, Per-FedAvg (HF)'s step is exactly beta times
+    # MAML's second-order meta-gradient of the client's task; the first-order variant is FO-MAML's.
+    alg = MAML(model(), inner_lr=0.05, inner_steps=1, order=2, path="loop")
+    d = tasks(1, 6, 8, seed=8)
+    theta = {n: p.detach().clone() for n, p in alg.meta_parameters().items()}
+    hf = fed.client_update(fed.perfedavg(order=2, beta=0.1), alg, theta, d)
+    close(hf.update, dict(alg.meta_gradient(d, 0)), rel=1e-9)
+    fo = fed.client_update(fed.perfedavg(order=1, beta=0.1), alg, theta, d)
+    alg.order = 1
+    close(fo.update, dict(alg.meta_gradient(d, 0)), rel=1e-9)
+    assert max(float((hf.update[n] - fo.update[n]).abs().max()) for n in theta) > 1e-8
+
+
+def test_perfedavg_several_local_steps_move_further():
+    alg = MAML(model(), inner_lr=0.05, path="loop")
+    d = tasks(1, 6, 8, seed=9)
+    theta = {n: p.detach().clone() for n, p in alg.meta_parameters().items()}
+    one = fed.client_update(fed.perfedavg(order=2, beta=0.05, local_steps=1), alg, theta, d).update
+    three = fed.client_update(fed.perfedavg(order=2, beta=0.05, local_steps=3), alg, theta, d).update
+    assert all(torch.isfinite(t).all() for t in three.values())
+    assert max(float((one[n] - three[n]).abs().max()) for n in theta) > 1e-8
+
+
+def test_metasgd_rates_move_and_are_aggregated():
+    alg = MetaSGD(model(), inner_lr=0.05, path="loop")
+    batch = tasks()
+    names = list(alg.meta_parameters())
+    rate_names = [n for n in names if n.startswith("inner_meta_params")]
+    assert rate_names, names
+    server, report = federated_round(alg, fed.metasgd(), batch, "sgd", lr=0.1)
+    theta = {n: p.detach() for n, p in alg.meta_parameters().items()}
+    grads = [alg.meta_gradient(batch[i], 0) for i in range(len(batch))]
+    for n in rate_names:
+        assert float((server.weights()[n] - theta[n]).abs().max()) > 1e-6  # the learned rates moved
+        close({n: server.weights()[n]}, {n: theta[n] - 0.1 * sum(g[n] for g in grads) / len(grads)})
+    # A fresh twin, not a deepcopy: a deepcopied MetaSGD's inner optimizer still reads the original's rates.
+    twin = MetaSGD(model(), inner_lr=0.05, path="loop")
+    close(server.weights(), centralised_step(twin, batch, "sgd", lr=0.1, fresh=True))
+
+
+@pytest.mark.parametrize("bad", ["nan", "shape", "dtype", "names", "size"])
+def test_bad_update_is_rejected_logged_and_round_goes_on(bad, caplog):
+    alg = MAML(model(), inner_lr=0.05, path="loop")
+    batch = tasks(3)
+    theta = {n: p.detach().clone() for n, p in alg.meta_parameters().items()}
+    good = [fed.client_update(fed.fedmaml(), alg, theta, batch[i], client=f"c{i}") for i in range(2)]
+    broken = fed.client_update(fed.fedmaml(), alg, theta, batch[2], client="bad")
+    names = list(theta)
+    first = names[0]
+    if bad == "nan":
+        broken.update[first][..., 0] = float("nan")
+    elif bad == "shape":
+        broken.update[first] = broken.update[first][:1]
+    elif bad == "dtype":
+        broken.update[first] = broken.update[first].float()
+    elif bad == "names":
+        broken.update = {n: broken.update[n] for n in reversed(names)}
+    else:
+        broken.size = 0
+    server = fed.Server(theta, "adam", lr=0.01)
+    with caplog.at_level(logging.WARNING, logger="metagrad.federated"):
+        report = server.round([good[0], broken, good[1]])
+    assert report["accepted"] == ["c0", "c1"] and [r[0] for r in report["rejected"]] == ["bad"]
+    assert any("bad" in r.getMessage() for r in caplog.records)
+    reference = fed.Server(theta, "adam", lr=0.01)
+    reference.round(good)
+    close(server.weights(), reference.weights(), rel=0)
+
+
+def test_round_with_no_acceptable_update_leaves_model_and_optimizer_unchanged():
+    alg = MAML(model(), inner_lr=0.05, path="loop")
+    theta = {n: p.detach().clone() for n, p in alg.meta_parameters().items()}
+    server = fed.Server(theta, "adam", lr=0.01)
+    server.round([fed.client_update(fed.fedmaml(), alg, theta, tasks(1, seed=11))])
+    before, state = server.weights(), copy.deepcopy(server.optimizer.state_dict())
+    bad = fed.client_update(fed.fedmaml(), alg, before, tasks(1, seed=12))
+    for t in bad.update.values():
+        t.fill_(float("inf"))
+    report = server.round([bad])
+    assert not report["stepped"]
+    close(server.weights(), before, rel=0)
+    for k, s in server.optimizer.state_dict()["state"].items():
+        assert all(torch.equal(s[key], state["state"][k][key]) for key in s)
+
+
+def test_checkpoint_every_round_and_resume_equals_uninterrupted(tmp_path):
+    batch = tasks(3)
+    clients = clients_of(batch)
+
+    def new():
+        alg = MAML(model(), inner_lr=0.05, path="loop")
+        return alg, fed.Server({n: p.detach() for n, p in alg.meta_parameters().items()}, "adam", lr=0.01)
+
+    alg, straight = new()
+    for _ in range(4):
+        fed.run_round(straight, fed.fedmaml(), alg, clients)
+
+    alg, first = new()
+    path = tmp_path / "server.safetensors"
+    for _ in range(2):
+        fed.run_round(first, fed.fedmaml(), alg, clients)
+        save_checkpoint(path, first.state())
+    del first
+    alg, resumed = new()
+    resumed.load_state(read_checkpoint(path))
+    assert resumed.rounds == 2
+    for _ in range(2):
+        fed.run_round(resumed, fed.fedmaml(), alg, clients)
+        save_checkpoint(path, resumed.state())
+    close(resumed.weights(), straight.weights(), rel=0)
+    assert resumed.rounds == straight.rounds == 4
+
+
+def test_client_state_is_kept_across_rounds():
+    alg = MAML(model(), inner_lr=0.05, path="loop")
+    batch = tasks(2)
+    server = fed.Server({n: p.detach() for n, p in alg.meta_parameters().items()}, "sgd", lr=0.1)
+    states: dict = {}
+    for _ in range(3):
+        fed.run_round(server, fed.fedmaml(), alg, clients_of(batch), states)
+    assert {k: v["rounds"] for k, v in states.items()} == {"c0": 3, "c1": 3}
+    assert states["c0"]["last_round"] == 2 and "meta_loss" in states["c0"]["last_metrics"]
+
+
+def test_strategy_arguments_are_checked():
+    with pytest.raises(ValueError, match="kind"):
+        fed.Strategy("x", "fedprox")
+    with pytest.raises(ValueError, match="local_steps"):
+        fed.fedavg(local_steps=0)
+    with pytest.raises(ValueError, match="one task|exactly 1"):
+        alg = MAML(model(), path="loop")
+        fed.client_update(fed.fedmaml(), alg, {n: p.detach() for n, p in alg.meta_parameters().items()}, tasks(2))
