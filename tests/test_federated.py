@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import subprocess
 import sys
 
@@ -293,3 +294,103 @@ def test_strategy_arguments_are_checked():
     with pytest.raises(ValueError, match="one task|exactly 1"):
         alg = MAML(model(), path="loop")
         fed.client_update(fed.fedmaml(), alg, {n: p.detach() for n, p in alg.meta_parameters().items()}, tasks(2))
+
+
+# -- client data that needs no download ----------------------------------------------------------------
+from metagrad.federated import data as fdata  # noqa: E402
+
+
+def test_sinusoid_clients_are_one_task_each_of_their_own_sizes():
+    clients = fdata.sinusoid_clients(3, shots=[2, 5, 9], query_shots=4, generator=torch.Generator().manual_seed(0))
+    assert list(clients) == ["client-0", "client-1", "client-2"]
+    assert [len(c) for c in clients.values()] == [1, 1, 1]
+    assert [fed.client_size(c) for c in clients.values()] == [6, 9, 13]
+    with pytest.raises(ValueError, match="one value per client"):
+        fdata.sinusoid_clients(3, shots=[2, 5])
+
+
+def test_synthetic_within_device_statistics():
+    # One large device: x ~ N(v, Sigma) with Sigma_jj = j^-1.2; y = argmax softmax(W x + b).
+    d = fdata.synthetic_devices(1.0, 1.0, n_clients=1, sizes=[40000], generator=torch.Generator().manual_seed(0))[0]
+    assert d.x.shape == (40000, 60) and d.W.shape == (10, 60) and d.b.shape == (10,) and d.y.shape == (40000,)
+    var = d.x.var(0)
+    sigma = fdata.synthetic_covariance()
+    assert float(((var - sigma) / sigma).abs().max()) < 0.05  # the estimator's relative sd is sqrt(2/n) = 0.7%
+    assert float(((d.x.mean(0) - d.v) / sigma.sqrt()).abs().max()) < 5 / 40000 ** 0.5
+    assert torch.equal(d.y, torch.argmax(d.x @ d.W.T + d.b, dim=-1))
+    # W, b ~ N(u, 1) and v ~ N(B, 1): 610 and 60 draws
+    wb = torch.cat([d.W.flatten(), d.b])
+    assert abs(float(wb.mean()) - d.u) < 4 / 610 ** 0.5 and abs(float(wb.var()) - 1) < 0.2
+    assert abs(float(d.v.mean()) - d.B) < 4 / 60 ** 0.5
+
+
+def test_synthetic_across_device_statistics_and_sizes():
+    g = torch.Generator().manual_seed(1)
+    devs = fdata.synthetic_devices(0.5, 2.0, n_clients=1000, sizes=[1] * 1000, generator=g)
+    u = torch.tensor([d.u for d in devs])
+    B = torch.tensor([d.B for d in devs])
+    # u ~ N(0, alpha), B ~ N(0, beta) with alpha, beta standard deviations (sd of the estimates: 2.2%, 3.2%)
+    assert abs(float(u.std()) - 0.5) < 0.05 and abs(float(B.std()) - 2.0) < 0.2
+    assert abs(float(u.mean())) < 0.1 and abs(float(B.mean())) < 0.4
+    zero = fdata.synthetic_devices(0.0, 0.0, n_clients=5, sizes=[3] * 5, generator=g)
+    assert all(d.u == 0 and d.B == 0 for d in zero)
+    iid = fdata.synthetic_devices(1.0, 1.0, n_clients=4, sizes=[3] * 4, generator=g, iid=True)
+    assert all(torch.equal(d.W, iid[0].W) and torch.equal(d.v, torch.zeros(60, dtype=torch.float64)) for d in iid)
+    sizes = fdata.synthetic_sizes(2000, torch.Generator().manual_seed(2))
+    assert min(sizes) >= 50
+    extra = torch.tensor(sizes, dtype=torch.float64) - 50  # floor(lognormal(4, 2)): median e^4, P(> e^6) = 15.9%
+    assert abs(float(extra.median().log()) - 4) < 0.25
+    assert abs(float((extra > math.exp(6)).double().mean()) - 0.159) < 0.03
+    clients = fdata.synthetic_clients(1.0, 1.0, n_clients=3, generator=torch.Generator().manual_seed(3))
+    assert all(len(c) == 1 and c.support_x.shape[-1] == 60 for c in clients.values())
+
+
+def test_gamma_sampler_matches_its_moments():
+    g = torch.Generator().manual_seed(4)
+    for a in (0.3, 2.5):
+        x = torch.cat([fdata._gamma(torch.full((4000,), a, dtype=torch.float64), g)])
+        assert abs(float(x.mean()) - a) < 5 * (a / 4000) ** 0.5
+        assert abs(float(x.var()) / a - 1) < 0.15
+
+
+def test_dirichlet_split_is_a_partition_and_skewed_by_concentration():
+    labels = torch.arange(2000) % 10
+
+    def skew(conc: float) -> float:
+        parts = fdata.dirichlet_split(labels, 8, conc, torch.Generator().manual_seed(5))
+        allidx = torch.sort(torch.cat(parts)).values
+        assert torch.equal(allidx, torch.arange(2000)) and min(len(p) for p in parts) >= 2
+        tv = [0.5 * float((torch.bincount(labels[p], minlength=10) / len(p) - 0.1).abs().sum()) for p in parts]
+        return sum(tv) / len(tv)
+
+    assert skew(0.1) > 0.5 and skew(1000.0) < 0.1
+    a = fdata.dirichlet_split(labels, 4, 0.5, torch.Generator().manual_seed(6))
+    b = fdata.dirichlet_split(labels, 4, 0.5, torch.Generator().manual_seed(6))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_digits_clients_non_iid():
+    pytest.importorskip("sklearn")
+    clients = fdata.digits_clients(5, concentration=0.3, generator=torch.Generator().manual_seed(7))
+    assert sum(fed.client_size(c) for c in clients.values()) == 1797
+    assert all(c.support_x.shape[-1] == 64 and float(c.support_x.max()) <= 1 for c in clients.values())
+
+
+def mean_loss(strategy, alg, server, clients) -> float:
+    w = server.weights()
+    return sum(fed.client_evaluate(strategy, alg, w, c)["loss"] for c in clients.values()) / len(clients)
+
+
+def test_fedavg_and_fedmaml_learn_on_synthetic_clients():
+    clients = fdata.synthetic_clients(0.0, 0.0, n_clients=6, sizes=[40] * 6, dtype=torch.float64,
+                                      generator=torch.Generator().manual_seed(8))
+    for strategy in (fed.fedavg(local_steps=2), fed.fedmaml(order=1)):
+        torch.manual_seed(0)
+        alg = MAML(torch.nn.Linear(60, 10).double(), inner_lr=0.1, loss_fn=torch.nn.functional.cross_entropy,
+                   path="loop")
+        server = fed.Server({n: p.detach() for n, p in alg.meta_parameters().items()}, "sgd", lr=0.5)
+
+        start = mean_loss(strategy, alg, server, clients)
+        for _ in range(10):
+            fed.run_round(server, strategy, alg, clients)
+        assert mean_loss(strategy, alg, server, clients) < 0.9 * start, strategy.name
