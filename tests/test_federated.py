@@ -394,3 +394,44 @@ def test_fedavg_and_fedmaml_learn_on_synthetic_clients():
         for _ in range(10):
             fed.run_round(server, strategy, alg, clients)
         assert mean_loss(strategy, alg, server, clients) < 0.9 * start, strategy.name
+
+
+# -- Flower wiring (in process: the apps' functions on hand-made messages) -------------------------------
+def _flower_message(content):
+    flwr_app = pytest.importorskip("flwr.app")
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+    return flwr_app.Message(content=flwr_app.RecordDict(content), dst_node_id=7, message_type="train")
+
+
+def test_flower_client_replies_and_meta_strategy_equal_the_pure_round():
+    pytest.importorskip("flwr")
+    from flwr.app import ConfigRecord, Context, RecordDict
+
+    from metagrad.federated import flower as F
+
+    cfg = {"strategy": "fedmaml", "num-clients": 3, "server-optimizer": "adam", "server-lr": 0.01}
+    alg, strategy = F.build(cfg)
+    theta = {n: p.detach().clone() for n, p in alg.meta_parameters().items()}
+    replies, expected = [], []
+    states = [RecordDict() for _ in range(3)]
+    for _ in range(2):  # twice: the client's state counts its rounds
+        replies = []
+        for k in range(3):
+            msg = _flower_message({"arrays": F.to_record(theta), "config": ConfigRecord({"server-round": 1})})
+            ctx = Context(run_id=1, node_id=k, node_config={"partition-id": k}, state=states[k], run_config=cfg)
+            replies.append(F.train(msg, ctx))
+    assert [int(s["metagrad"]["rounds"]) for s in states] == [2, 2, 2]
+    bad = replies[-1]
+    arrays = F.from_record(bad.content["arrays"])
+    first = next(iter(arrays))
+    arrays[first][...] = float("nan")
+    bad.content["arrays"] = F.to_record(arrays)  # the third client's update is corrupted on the way
+    expected = [fed.client_update(strategy, alg, theta, F.client_data(cfg, k), 0) for k in range(2)]
+    server = fed.Server(theta, "adam", 0.01)
+    server.round(expected)
+    meta = F.MetaStrategy(fed.Server(theta, "adam", 0.01), None, min_available_nodes=3)
+    arrays, metrics = meta.aggregate_train(1, replies)
+    assert int(metrics["accepted"]) == 2 and int(metrics["rejected"]) == 1
+    close(F.from_record(arrays, theta), server.weights(), rel=0)
