@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -435,3 +436,116 @@ def test_flower_client_replies_and_meta_strategy_equal_the_pure_round():
     arrays, metrics = meta.aggregate_train(1, replies)
     assert int(metrics["accepted"]) == 2 and int(metrics["rejected"]) == 1
     close(F.from_record(arrays, theta), server.weights(), rel=0)
+
+
+# -- Flower deployment engine on loopback: a SuperLink and two SuperNodes as processes ---------------------
+def _free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _wait_for_port(port: int, proc, seconds: float) -> None:
+    import socket
+    import time
+
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the process on port {port} exited with {proc.returncode}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"nothing listened on 127.0.0.1:{port} after {seconds} s")
+
+
+def _stop(procs) -> None:
+    """End every process started and its children (each in its own session: its process group)."""
+    import os
+    import signal
+
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=15)
+        with contextlib.suppress(ProcessLookupError):  # children left in the group (superexec, clientapp)
+            os.killpg(p.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_flower_deployment_on_loopback_runs_rounds_and_resumes(tmp_path):
+    pytest.importorskip("flwr")
+    import os
+    from pathlib import Path
+
+    from metagrad.federated import flower as F
+
+    bin_dir = Path(sys.executable).parent
+    if not (bin_dir / "flower-superlink").exists():
+        pytest.skip("flower-superlink is not installed beside this Python")
+    link, node0, node1 = _free_ports(3)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
+                                      f'address = "127.0.0.1:{link}"\ninsecure = true\n')
+    out = tmp_path / "out"
+    cfg = {"strategy": "fedmaml", "num-clients": 2, "server-optimizer": "adam", "server-lr": 0.01,
+           "num-server-rounds": 2, "out": str(out)}
+    app = F.write_app(tmp_path / "app", **cfg)
+    procs = []
+
+    def start(name: str, *args: str, flwr_home: Path) -> subprocess.Popen:
+        log_file = open(tmp_path / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+        p = subprocess.Popen([str(bin_dir / args[0]), *args[1:]], env={**env, "FLWR_HOME": str(flwr_home)},
+                             stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append(p)
+        return p
+
+    def flwr_run(*extra: str) -> str:
+        done = subprocess.run([str(bin_dir / "flwr"), "run", str(app), "loopback", "--stream", *extra],
+                              env={**env, "FLWR_HOME": str(home)}, capture_output=True, text=True, timeout=300,
+                              start_new_session=True)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout + done.stderr
+
+    try:
+        sl = start("superlink", "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
+                   "--port", str(link), flwr_home=tmp_path / "sl")
+        _wait_for_port(link, sl, 60)
+        for k, port in enumerate((node0, node1)):
+            start(f"supernode{k}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}", "--port",
+                  str(port), "--node-config", f"partition-id={k}", flwr_home=tmp_path / f"n{k}")
+        first = flwr_run()
+        assert "aggregate_train: Received 2 results and 0 failures" in first
+        after_two = read_checkpoint(out / "server.safetensors")
+        # A restarted server (a new run of the ServerApp) resumes from its checkpoint and does the third round.
+        flwr_run("--run-config", "num-server-rounds=3")
+        after_three = read_checkpoint(out / "server.safetensors")
+    finally:
+        _stop(procs)
+    assert all(p.poll() is not None for p in procs)
+
+    alg, strategy = F.build(cfg)
+    server = fed.Server({n: p.detach() for n, p in alg.meta_parameters().items()}, "adam", 0.01)
+    clients = {str(k): F.client_data(cfg, k) for k in range(2)}
+    for rounds, saved in ((2, after_two), (3, after_three)):
+        while server.rounds < rounds:
+            fed.run_round(server, strategy, alg, clients)
+        assert saved["rounds"] == rounds
+        # float32 on the wire and the replies' order may differ: equal up to rounding
+        close(saved["algorithm"], server.weights(), rel=1e-5)

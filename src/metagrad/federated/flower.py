@@ -188,6 +188,8 @@ def main(grid: Grid, context: Context) -> None:
     server = S.Server({n: p.detach() for n, p in alg.meta_parameters().items()}, c["server-optimizer"],
                       float(c["server-lr"]))
     checkpoint = Path(c["out"]) / "server.safetensors" if c["out"] else None
+    if checkpoint is not None:
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
     if checkpoint is not None and checkpoint.is_file():
         server.load_state(read_checkpoint(checkpoint))
         log.warning("resumed the server from %s at round %d", checkpoint, server.rounds)
@@ -197,3 +199,29 @@ def main(grid: Grid, context: Context) -> None:
                             min_evaluate_nodes=n, min_available_nodes=n)
     if rounds > 0:
         strategy.start(grid=grid, initial_arrays=to_record(server.weights()), num_rounds=rounds)
+
+
+def write_app(folder: str | Path, **config: Any) -> Path:
+    """A Flower app folder whose components are this module's apps: a hand-written `pyproject.toml`
+    (`flwr new` would fetch a template from the network). `config` overrides `DEFAULTS` in its run config."""
+    c = settings({k.replace("_", "-"): v for k, v in config.items()})
+
+    def toml(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["[build-system]", 'requires = ["hatchling"]', 'build-backend = "hatchling.build"', "",
+             "[project]", 'name = "metagrad-federated-app"', 'version = "1.0.0"',
+             "# metagrad (and flwr) are already installed where the nodes run: nothing is installed at run time",
+             "dependencies = []", "", "[tool.hatch.build.targets.wheel]", 'packages = ["."]', "",
+             "[tool.flwr.app]", 'publisher = "metagrad"', "", "[tool.flwr.app.components]",
+             'serverapp = "metagrad.federated.flower:server_app"',
+             'clientapp = "metagrad.federated.flower:client_app"', "", "[tool.flwr.app.config]"]
+    lines += [f"{k} = {toml(v)}" for k, v in c.items()]
+    (folder / "pyproject.toml").write_text("\n".join(lines) + "\n")
+    return folder
