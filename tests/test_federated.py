@@ -549,3 +549,15 @@ def test_flower_deployment_on_loopback_runs_rounds_and_resumes(tmp_path):
         assert saved["rounds"] == rounds
         # float32 on the wire and the replies' order may differ: equal up to rounding
         close(saved["algorithm"], server.weights(), rel=1e-5)
+
+
+def test_readme_federated_example_runs():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    code = readme.split("## Federated meta-learning")[1].split("```python\n")[1].split("```")[0]
+    assert "range(100)" in code
+    namespace: dict = {}
+    exec(compile(code.replace("range(100)", "range(3)"), "README.md", "exec"), namespace)
+    assert namespace["server"].rounds == 3
+    assert {k: v["rounds"] for k, v in namespace["states"].items()} == {f"client-{i}": 3 for i in range(10)}
