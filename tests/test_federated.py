@@ -561,3 +561,29 @@ def test_readme_federated_example_runs():
     exec(compile(code.replace("range(100)", "range(3)"), "README.md", "exec"), namespace)
     assert namespace["server"].rounds == 3
     assert {k: v["rounds"] for k, v in namespace["states"].items()} == {f"client-{i}": 3 for i in range(10)}
+
+
+def test_a_failing_client_is_left_out_and_the_round_goes_on(caplog):
+    alg = MAML(model(), inner_lr=0.05, path="loop")
+    batch = tasks(3)
+    clients = clients_of(batch)
+    # a client whose data the model cannot take (2 input features for a 1-input MLP): its update raises
+    clients["broken"] = TaskBatch(torch.randn(1, 5, 2, dtype=torch.float64), torch.randn(1, 5, 1, dtype=torch.float64),
+                                  torch.randn(1, 6, 2, dtype=torch.float64), torch.randn(1, 6, 1, dtype=torch.float64))
+    theta = {n: p.detach().clone() for n, p in alg.meta_parameters().items()}
+    server = fed.Server(theta, "sgd", lr=0.1)
+    with caplog.at_level(logging.WARNING, logger="metagrad.federated"):
+        report = fed.run_round(server, fed.fedmaml(), alg, clients)
+    assert report["accepted"] == ["c0", "c1", "c2"] and report["stepped"]
+    assert any("broken" in r.getMessage() and "left out" in r.getMessage() for r in caplog.records)
+    close(server.weights(), centralised_step(alg, batch, "sgd", lr=0.1))
+
+
+def test_server_arguments_and_foreign_checkpoints_are_refused():
+    theta = {n: p.detach() for n, p in MAML(model(), path="loop").meta_parameters().items()}
+    with pytest.raises(ValueError, match="'sgd' or 'adam'"):
+        fed.Server(theta, "rmsprop")
+    with pytest.raises(ValueError, match="lr"):
+        fed.Server(theta, "sgd", lr=0.0)
+    with pytest.raises(ValueError, match="another server"):
+        fed.Server(theta, "adam").load_state(fed.Server(theta, "sgd").state())
