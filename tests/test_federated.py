@@ -587,3 +587,14 @@ def test_server_arguments_and_foreign_checkpoints_are_refused():
         fed.Server(theta, "sgd", lr=0.0)
     with pytest.raises(ValueError, match="another server"):
         fed.Server(theta, "adam").load_state(fed.Server(theta, "sgd").state())
+
+
+def test_flower_pin_is_one_exact_version_the_one_the_apps_are_written_for():
+    import re
+    from pathlib import Path
+
+    pyproject = (Path(__file__).resolve().parents[1] / "pyproject.toml").read_text()
+    pins = re.findall(r'^federated = \["flwr==([0-9.]+)"\]$', pyproject, flags=re.M)
+    assert len(pins) == 1
+    source = (Path(__file__).resolve().parents[1] / "src/metagrad/federated/flower.py").read_text()
+    assert f'FLWR_VERSION = "{pins[0]}"' in source

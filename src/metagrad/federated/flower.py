@@ -23,10 +23,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvg
+
+try:
+    import flwr
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+    from flwr.clientapp import ClientApp
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.serverapp.strategy import FedAvg
+except ImportError as err:  # pragma: no cover - depends on the environment
+    raise ImportError("metagrad.federated.flower needs Flower: pip install 'metagrad[federated]' (flwr==1.42.0); "
+                      "the pure functions of metagrad.federated work without it") from err
 
 from metagrad.algorithms import MAML, MetaSGD, Reptile
 from metagrad.federated import data as fdata
@@ -35,6 +41,11 @@ from metagrad.models import MLP
 from metagrad.runs import read_checkpoint, save_checkpoint
 
 log = logging.getLogger("metagrad.federated")
+
+FLWR_VERSION = "1.42.0"  # the version pinned in the `federated` extra; Flower's API moves between minor versions
+if flwr.__version__ != FLWR_VERSION:  # pragma: no cover - depends on the environment
+    log.warning("metagrad.federated.flower is written and tested for flwr==%s; flwr %s is installed",
+                FLWR_VERSION, flwr.__version__)
 
 DEFAULTS: dict[str, Any] = {"tasks": "sinusoid", "num-clients": 2, "seed": 0, "strategy": "fedmaml", "inner-lr": 0.01,
                             "inner-steps": 1, "local-steps": 1, "beta": 0.01, "eval-steps": 1,
