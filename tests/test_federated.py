@@ -598,3 +598,19 @@ def test_flower_pin_is_one_exact_version_the_one_the_apps_are_written_for():
     assert len(pins) == 1
     source = (Path(__file__).resolve().parents[1] / "src/metagrad/federated/flower.py").read_text()
     assert f'FLWR_VERSION = "{pins[0]}"' in source
+
+
+def test_a_step_that_would_overflow_is_rolled_back_with_the_optimizer_state():
+    alg = MAML(model(), inner_lr=0.05, path="loop")
+    theta = {n: p.detach().clone() for n, p in alg.meta_parameters().items()}
+    server = fed.Server(theta, "sgd", lr=10.0, momentum=0.9)
+    server.round([fed.client_update(fed.fedmaml(), alg, theta, tasks(1, seed=13))])  # momentum buffers exist now
+    before, state = server.weights(), copy.deepcopy(server.optimizer.state_dict())
+    huge = fed.client_update(fed.fedmaml(), alg, before, tasks(1, seed=14))
+    for t in huge.update.values():
+        t.fill_(1.7e308)  # finite, so accepted; lr 10 times it is not
+    report = server.round([huge])
+    assert report["accepted"] == [""] and not report["stepped"]
+    close(server.weights(), before, rel=0)
+    after = server.optimizer.state_dict()["state"]
+    assert all(torch.equal(after[k]["momentum_buffer"], state["state"][k]["momentum_buffer"]) for k in after)
