@@ -310,3 +310,32 @@ def test_gymnasium_cartpole_rollout_masks_ended_episodes():
     alg = MAMLRL(pol, env, episodes=3, inner_lr=0.1)
     g = alg.meta_gradient(env.sample_tasks(2), 0)
     assert all(torch.isfinite(v).all() for v in g.values()) and any(v.abs().sum() > 0 for v in g.values())
+
+
+def test_sampled_meta_gradient_averages_to_the_exact_one():
+    """MAMLRL.meta_gradient itself (trajectories sampled inside): over 48,000 bandit tasks (vmap) its mean is
+    within 0.02 of the exact gradient (about 6 standard errors) with the DiCE term, and 0.045 away without."""
+    K = 3
+    theta = THETA.clone().requires_grad_(True)
+    (true,) = torch.autograd.grad(-exact_post_update_return(theta, K), theta)
+    settings = REWARD.expand(8000, 2).clone()
+    means = {}
+    for term in ("dice", "none"):
+        alg = bandit_alg(sampling_term=term, episodes=K)
+        alg.path = "vmap"
+        means[term] = torch.stack([alg.meta_gradient(settings, it)["model.logits"] for it in range(6)]).mean(0)
+    assert (means["dice"] - true).abs().max() < 0.02, (means, true)
+    assert (means["none"] - true).abs().max() > 0.045, (means, true)
+
+
+def test_loop_and_vmap_paths_give_the_same_meta_gradient():
+    torch.manual_seed(0)
+    env = Nav2D(horizon=5, dtype=D)
+    grads = {}
+    for path in ("loop", "vmap"):
+        torch.manual_seed(0)
+        alg = MAMLRL(GaussianMLPPolicy(2, 2, (8,)).double(), env, episodes=4, path=path)
+        grads[path] = alg.meta_gradient(env.sample_tasks(3, torch.Generator().manual_seed(0)), 0)
+    for k in grads["loop"]:
+        assert torch.allclose(grads["loop"][k], grads["vmap"][k], atol=1e-12), k
+    assert grads["loop"].metrics["return"] == pytest.approx(grads["vmap"].metrics["return"], abs=1e-12)

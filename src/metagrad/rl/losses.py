@@ -35,7 +35,7 @@ class PolicyGradientLoss:
     def log_probs(self, f: Any, params: dict[str, Tensor], data: dict[str, Tensor]) -> Tensor:
         """`log pi(a_t | s_t)` of every step, `[episodes, horizon]` (0 after the end)."""
         out = f(params, data["obs"])
-        check_output(self.space, out)
+        check_output(self.space, out, finite=False)
         return log_prob(self.space, out, data["actions"]) * data["mask"]
 
     def log_prob_sum(self, f: Any, params: dict[str, Tensor], data: dict[str, Tensor]) -> Tensor:

@@ -62,8 +62,9 @@ def output_size(space: Space) -> int:
     return space.n if isinstance(space, Discrete) else 2 * space.dim
 
 
-def check_output(space: Space, out: Tensor) -> None:
-    """A clear error when the policy's output `out [..., k]` does not fit the action space."""
+def check_output(space: Space, out: Tensor, finite: bool = True) -> None:
+    """A clear error when the policy's output `out [..., k]` does not fit the action space (or, with
+    `finite`, is NaN or inf: not under vmap, where data cannot steer control flow)."""
     need = output_size(space)
     if out.dim() == 0 or out.shape[-1] != need:
         got = tuple(out.shape)
@@ -73,7 +74,7 @@ def check_output(space: Space, out: Tensor) -> None:
         raise ValueError(f"the policy's output has shape {got} but the action space Box({space.dim}) needs {need} "
                          f"numbers in the last dimension: {space.dim} means and {space.dim} log standard deviations "
                          "(a diagonal Gaussian policy: GaussianMLPPolicy)")
-    if not torch.isfinite(out).all():
+    if finite and not torch.isfinite(out).all():
         raise FloatingPointError("the policy's output is not finite (NaN or inf): lower the learning rates")
 
 
