@@ -18,7 +18,9 @@ query returns. The inner loss stays the plain REINFORCE surrogate, so `grad U` i
 sampled update; with both, `order=2` is an unbiased estimate of grad J (tests/test_rl.py checks it by
 exact enumeration on a bandit). Putting the magic box in the inner loss instead (ProMP's "DiCE-MAML",
 close to its LVC) differentiates the expected update rather than the sampled one: it agrees with grad J
-to first order in the inner rate only. `sampling_term="none"` is the original estimator (biased).
+to first order in the inner rate only, but its variance is far lower (DiCE's term multiplies the return
+by the score of every support action). `sampling_term="lvc"` is that estimator with ProMP's per-step
+likelihood ratio (LVC); `sampling_term="none"` is the original estimator (biased at first order).
 `order=1` is first-order MAML: the query loss's gradient at theta', applied to theta, no sampling term.
 `inner_steps=0` trains one policy on all tasks pooled (the pretrained baseline).
 
@@ -43,12 +45,15 @@ Params = dict[str, Tensor]
 
 
 def post_update_loss(on: Adapter, theta: Params, adapted: Params, support: Any, query: Any,
-                     sampling_term: str = "dice") -> tuple[Tensor, dict[str, Tensor]]:
-    """One task's meta-loss: the query loss of the adapted policy, weighted at order 2 by DiCE's magic box
-    of the support trajectories' log-probability under theta (value unchanged, see the module doc)."""
+                     sampling_term: str = "dice", baseline: Tensor | float = 0.0) -> tuple[Tensor, dict[str, Tensor]]:
+    """One task's meta-loss: the query loss L of the adapted policy and, at order 2, DiCE's sampling term
+    `(box(S) - 1) * (L - b)`, S the support trajectories' log-probability under theta. The value stays L;
+    the gradient gains `grad S * (L - b)`, unbiased for any `baseline` b independent of this task's
+    support trajectories (b = 0 is `box(S) * L`, DiCE without a baseline; see the module doc)."""
     loss, metrics = on.evaluate(adapted, query)
     if sampling_term == "dice" and on.order == 2 and on.steps > 0:
-        loss = magic_box(on.task_loss.log_prob_sum(on.f, theta, support)) * loss
+        box = magic_box(on.task_loss.log_prob_sum(on.f, theta, support))
+        loss = loss + (box - 1) * (loss.detach() - baseline)
     return loss, metrics
 
 
@@ -58,8 +63,9 @@ class MAMLRL(Algorithm):
     A batch is a tensor of task settings `[tasks, ...]` from `env.sample_tasks` (goals, arm probabilities).
     `episodes` is K, the trajectories per task and step; `gamma`, `gae_lambda`, `baseline` ('linear': the
     MAML paper's feature baseline refitted per task, leave-one-out) and `normalize_advantages` shape the
-    advantages. Rollouts draw from a generator seeded by (`seed`, iteration): the same seed and iteration
-    give the same trajectories.
+    advantages; `sampling_baseline` subtracts from each task's return in the DiCE sampling term the mean of
+    the other tasks' (unbiased: they are independent of its support trajectories). Rollouts draw from a
+    generator seeded by (`seed`, iteration): the same seed and iteration give the same trajectories.
     """
 
     refused_options = {"parallel": "trajectories are sampled inside the meta-gradient from one generator; "
@@ -67,22 +73,25 @@ class MAMLRL(Algorithm):
 
     def __init__(self, policy: nn.Module, env: Any, episodes: int = 20, inner_lr: float = 0.1, inner_steps: int = 1,
                  order: int = 2, gamma: float = 0.99, gae_lambda: float = 1.0, baseline: str | None = "linear",
-                 normalize_advantages: bool = True, sampling_term: str = "dice", path: str = "loop",
-                 seed: int = 0) -> None:
+                 normalize_advantages: bool = True, sampling_term: str = "dice", sampling_baseline: bool = True,
+                 path: str = "loop", seed: int = 0) -> None:
         space = getattr(policy, "space", None) or env.action_space
         if space != env.action_space:
             raise ValueError(f"the policy's action space {space} does not fit the environment's {env.action_space}")
-        if sampling_term not in ("dice", "none"):
-            raise ValueError(f"sampling_term must be 'dice' (exact) or 'none' (the original MAML-RL estimator), "
-                             f"got {sampling_term!r}")
+        if sampling_term not in ("dice", "lvc", "none"):
+            raise ValueError(f"sampling_term must be 'dice' (exact), 'lvc' (ProMP's low-variance objective, exact "
+                             f"to first order in inner_lr) or 'none' (the original MAML-RL estimator), got "
+                             f"{sampling_term!r}")
         if path not in ("loop", "vmap"):
             raise ValueError(f"MAMLRL runs on path 'loop' or 'vmap', got {path!r}")
         if int(episodes) != episodes or episodes < 1:
             raise ValueError(f"episodes must be a positive integer, got {episodes!r}")
-        super().__init__(policy, inner_lr, inner_steps, order, task_loss=PolicyGradientLoss(space), path=path)
+        loss = PolicyGradientLoss(space, lvc=sampling_term == "lvc")
+        super().__init__(policy, inner_lr, inner_steps, order, task_loss=loss, path=path)
         self.env, self.space, self.episodes = env, space, int(episodes)
         self.gamma, self.gae_lambda, self.baseline = float(gamma), float(gae_lambda), baseline
         self.normalize_advantages, self.sampling_term, self.seed = bool(normalize_advantages), sampling_term, int(seed)
+        self.sampling_baseline = bool(sampling_baseline)
 
     # -- pieces ------------------------------------------------------------------------------------------
     def generator(self, iteration: int, stream: int = 0) -> torch.Generator:
@@ -116,11 +125,23 @@ class MAMLRL(Algorithm):
         query = self.sample(adapted, settings, gen, stacked=True)
         # 4. the meta-loss: the adapted policies' query loss (with the DiCE sampling term at order 2)
         data = core.Tasks(support, query)
+        baseline = self._sampling_baseline(adapter, path, adapted, data.query)
         losses, metrics = core.map_tasks(
-            lambda on, a, s, q: post_update_loss(on, theta, a, s, q, self.sampling_term),
-            adapter, path, adapted, data.support, data.query)
+            lambda on, a, s, q, b: post_update_loss(on, theta, a, s, q, self.sampling_term, b),
+            adapter, path, adapted, data.support, data.query, baseline)
         pre = (support["rewards"] * support["mask"]).sum(-1).mean()
         return losses.mean(), {"return": metrics["return"].mean(), "return_before": pre}
+
+    def _sampling_baseline(self, adapter: Adapter, path: ExecPath, adapted: Params, query: Any) -> Tensor:
+        """Each task's baseline for the sampling term: the mean query loss of the OTHER tasks of the batch
+        (independent of this task's support trajectories, so unbiased); 0 for a single task or without it."""
+        n = core.task_count(query)
+        if not self.sampling_baseline or n < 2 or self.sampling_term != "dice":
+            return torch.zeros(n)
+        with torch.no_grad():
+            q = core.map_tasks(lambda on, a, d: on.evaluate(a, d)[0], adapter.replace(order=0), path,
+                               {k: v.detach() for k, v in adapted.items()}, query)
+        return (q.sum() - q) / (n - 1)
 
     def meta_gradient(self, batch: Tensor, iteration: int | None = None, chunk_size: int | None = None) -> MetaGradient:
         """The meta-policy-gradient of the tasks `batch` at `iteration` (trajectories sampled inside): pure."""
