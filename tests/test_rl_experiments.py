@@ -48,7 +48,8 @@ def test_maml_after_one_step_beats_pretrained_and_random_start(tmp_path):
 
 def test_two_armed_exact_returns_match_the_sampled_adaptation():
     """The binomial enumeration of rl-two-armed is the library's policy-gradient step: 6,000 sampled tasks
-    adapted by MAMLRL.returns_after_steps give the same mean reward after 0..3 steps (within 0.01, ~4 SE)."""
+    adapted by MAMLRL.returns_after_steps give the same mean reward after 0..3 steps: within 0.01, about 2.3
+    standard errors (observed here: at most 0.002)."""
     K, alpha, d = 10, 1.0, 1.5
     env = Bandit(arms=2, horizon=1, sampler=one_hot_tasks, dtype=torch.float64)
     alg = MAMLRL(SoftmaxPolicy(2, torch.tensor([d, 0.0], dtype=torch.float64)), env, episodes=K, inner_lr=alpha,
