@@ -328,3 +328,33 @@ def test_loop_and_vmap_paths_give_the_same_meta_gradient():
     for k in grads["loop"]:
         assert torch.allclose(grads["loop"][k], grads["vmap"][k], atol=1e-12), k
     assert grads["loop"].metrics["return"] == pytest.approx(grads["vmap"].metrics["return"], abs=1e-12)
+
+
+def test_kl_divergence_matches_torch_distributions():
+    from metagrad.rl.trpo import kl_divergence
+
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(5, 4, generator=gen, dtype=D), torch.randn(5, 4, generator=gen, dtype=D)
+    cat = torch.distributions.kl_divergence(torch.distributions.Categorical(logits=a),
+                                            torch.distributions.Categorical(logits=b))
+    assert torch.allclose(kl_divergence(Discrete(4), a, b), cat, atol=1e-12)
+    normal = torch.distributions.kl_divergence(torch.distributions.Normal(a[:, :2], a[:, 2:].exp()),
+                                               torch.distributions.Normal(b[:, :2], b[:, 2:].exp())).sum(-1)
+    assert torch.allclose(kl_divergence(Box(2), a, b), normal, atol=1e-12)
+
+
+@pytest.mark.parametrize("max_kl", [0.01, 1e-4])
+def test_trpo_step_satisfies_its_kl_constraint_and_improves_the_surrogate(max_kl):
+    from metagrad.rl.trpo import trpo_step
+
+    torch.manual_seed(0)
+    env = Nav2D(horizon=6, dtype=D)
+    alg = MAMLRL(GaussianMLPPolicy(2, 2, (8,), init_std=0.3).double(), env, episodes=4, sampling_term="lvc")
+    before = {k: v.detach().clone() for k, v in alg.params().items()}
+    r = trpo_step(alg, env.sample_tasks(3, torch.Generator().manual_seed(0)), 0, max_kl=max_kl, cg_iters=5)
+    assert r.step_fraction > 0, r                      # a step was accepted
+    assert 0 < r.kl <= max_kl, r                       # within the trust region (the mean KL of the adapted policies)
+    assert r.surrogate_after < r.surrogate_before, r
+    assert r.kl > 0.05 * max_kl, r                     # and it used it: the step is scaled to the constraint
+    assert any(not torch.equal(before[k], v) for k, v in alg.params().items())
+    assert int(alg.iteration) == 1
