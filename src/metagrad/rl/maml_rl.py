@@ -24,8 +24,9 @@ likelihood ratio (LVC); `sampling_term="none"` is the original estimator (biased
 `order=1` is first-order MAML: the query loss's gradient at theta', applied to theta, no sampling term.
 `inner_steps=0` trains one policy on all tasks pooled (the pretrained baseline).
 
-The outer optimizer is any torch optimizer on `meta_gradient` (Adam in the experiments); the MAML
-paper's TRPO outer step (conjugate gradient on Hessian-vector products, KL step 0.01) is a later step.
+The outer optimizer is any torch optimizer on `meta_gradient` (Adam in the experiments), or the MAML
+paper's TRPO step `metagrad.rl.trpo.trpo_step` (conjugate gradient on Fisher-vector products through the
+inner step, max KL 0.01, line search; it optimises the original surrogate). PPO-clip is not written yet.
 """
 
 from __future__ import annotations
