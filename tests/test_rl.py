@@ -239,6 +239,13 @@ def test_bad_input_errors_name_the_problem():
         rollout(core.functional(pol), core.named_params(pol), env, env.sample_tasks(2), 2, env.action_space)
     with pytest.raises(ValueError, match="does not fit the environment"):
         MAMLRL(pol, env)
+    alg = MAMLRL(GaussianMLPPolicy(2, 2, (4,)), env)
+    with pytest.raises(TypeError, match="returns_after_steps"):
+        alg.adaptation_curve(env.sample_tasks(2), 1)
+    with pytest.raises(TypeError, match="a meta-RL batch is a tensor of task settings"):
+        alg.meta_gradient(core.Tasks(torch.zeros(2, 1), torch.zeros(2, 1)))
+    with pytest.raises(ValueError, match="sampling_term must be 'dice'"):
+        MAMLRL(GaussianMLPPolicy(2, 2, (4,)), env, sampling_term="exact")
 
     class NaNBandit(Bandit):
         def batch(self, settings, episodes, generator=None):

@@ -158,6 +158,16 @@ class MAMLRL(Algorithm):
         return MetaGradient(dict(zip(names, grads)), {"meta_loss": float(loss.detach()), **{k: float(v) for k, v in
                                                                                     metrics.items()}}, path)
 
+    def adapt(self, batch: Any, steps: int | None = None) -> Params:
+        """Not for meta-RL: adaptation needs trajectories sampled along the way (`returns_after_steps`)."""
+        raise TypeError("MAMLRL adapts on trajectories it samples itself: use returns_after_steps(settings, steps) "
+                        "(or adapter().adapt(params, trajectories) on trajectories from metagrad.rl.rollout)")
+
+    def adaptation_curve(self, batch: Any, steps: int) -> tuple[Tensor, Tensor | None]:
+        """Not for meta-RL: see `returns_after_steps`."""
+        raise TypeError("MAMLRL's adaptation curve is returns_after_steps(settings, steps): returns after 0..steps "
+                        "policy-gradient steps, each on trajectories of the current policy")
+
     @torch.no_grad()
     def returns_after_steps(self, settings: Tensor, steps: int, seed: int = 0, params: Params | None = None,
                             inner_lr: float | None = None) -> Tensor:
