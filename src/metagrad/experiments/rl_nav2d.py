@@ -18,6 +18,9 @@ seeded initialisation; the oracle is the optimal controller that knows the goal 
 closest to the goal: it minimises every step's distance, so its return is the best possible), where
 the paper trained a goal-conditioned policy.
 
+Measured with the defaults (seed 0, one thread on a loaded machine, README "Meta-reinforcement learning"):
+MAML -40.6 -> -16.7 after one step, pretrained -40.2 -> -38.5, random start -103.4 -> -97.0, oracle -0.5.
+
     for start in (MAML, pretrained):  Adam on MAMLRL.meta_gradient for `iterations` meta-batches of tasks
     on `eval_tasks` held-out goals: mean return of K fresh trajectories after 0..eval_steps steps, each
     step a policy-gradient step on trajectories of the current policy -> table with 95% CIs, plot
