@@ -1,0 +1,246 @@
+"""Environments as task families, batched over tasks and episodes.
+
+An environment family samples task settings (`sample_tasks(n, generator) -> [tasks, ...]`: a goal, the
+arms' reward probabilities) and runs a batch of them: `batch(settings, episodes, generator)` returns a
+running batch whose `reset() -> obs [tasks, episodes, obs_dim]` and `step(actions [tasks, episodes,
+...]) -> (obs, reward [tasks, episodes], terminated [tasks, episodes])` work on torch tensors. `rollout`
+(metagrad.rl.rollout) drives any of them the same way.
+
+- `Nav2D` and `Bandit` are written as batched torch tensors: exact, fast, no gymnasium needed.
+- `GymEnv` runs any registered gymnasium environment id through `gymnasium.vector.SyncVectorEnv`, one
+  sub-environment per (task, episode); gymnasium is imported only when one is built (`pip install
+  metagrad[rl]`). `register_gymnasium()` registers `metagrad/Nav2D-v0`, the same navigation task as a
+  gymnasium environment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from metagrad.rl.policies import Box, Discrete, Space, from_gymnasium
+
+
+class Nav2D:
+    """The MAML paper's 2D navigation (Finn et al. 2017, section 5.3; as in its code, rllab's point env).
+
+    A point starts at the origin; a task is a goal drawn uniformly from [-goal_range, goal_range]^2; the
+    action is a velocity, clipped to [-max_action, max_action] per coordinate; the reward after a step
+    is minus the distance to the goal (the MAML code's `-sqrt(dx^2 + dy^2)`; the paper's text says
+    squared distance); an episode ends at the horizon or when the point is within `success_radius`
+    of the goal in both coordinates (the MAML code). The observation is the position: the goal is not
+    observed, a policy must find it from the rewards.
+    """
+
+    obs_dim = 2
+    action_space: Space = Box(2)
+
+    def __init__(self, horizon: int = 100, goal_range: float = 0.5, max_action: float = 0.1,
+                 success_radius: float = 0.01, dtype: torch.dtype = torch.float32) -> None:
+        if int(horizon) != horizon or horizon < 1:
+            raise ValueError(f"horizon must be a positive integer, got {horizon!r}")
+        self.horizon, self.goal_range, self.max_action = int(horizon), float(goal_range), float(max_action)
+        self.success_radius, self.dtype = float(success_radius), dtype
+
+    def sample_tasks(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """Goals `[n, 2]`, uniform in [-goal_range, goal_range]^2."""
+        return (torch.rand(n, 2, generator=generator, dtype=torch.float64) * 2 - 1).to(self.dtype) * self.goal_range
+
+    def batch(self, settings: Tensor, episodes: int, generator: torch.Generator | None = None) -> _Nav2DBatch:
+        """`episodes` episodes of every task whose goal is a row of `settings [tasks, 2]`."""
+        if settings.dim() != 2 or settings.shape[1] != 2:
+            raise ValueError(f"Nav2D task settings are goals of shape [tasks, 2], got {tuple(settings.shape)}")
+        return _Nav2DBatch(self, settings.to(self.dtype), episodes)
+
+    def oracle_action(self, goal: Tensor, obs: Tensor) -> Tensor:
+        """The best action knowing the goal: the allowed velocity closest to the goal. It minimises every
+        step's distance at once, so it is the optimal policy (the upper bound the table compares to)."""
+        return (goal.unsqueeze(-2) - obs).clamp(-self.max_action, self.max_action)
+
+
+class _Nav2DBatch:
+    def __init__(self, env: Nav2D, goals: Tensor, episodes: int) -> None:
+        self.env, self.goals, self.episodes = env, goals, int(episodes)
+
+    def reset(self) -> Tensor:
+        self.pos = torch.zeros(self.goals.shape[0], self.episodes, 2, dtype=self.env.dtype)
+        return self.pos.clone()
+
+    def step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        a = actions.to(self.env.dtype).clamp(-self.env.max_action, self.env.max_action)
+        self.pos = self.pos + a
+        d = self.pos - self.goals.unsqueeze(1)
+        reward = -torch.sqrt((d ** 2).sum(-1))
+        done = (d.abs() < self.env.success_radius).all(-1)
+        return self.pos.clone(), reward, done
+
+    def close(self) -> None:
+        pass
+
+
+class Bandit:
+    """A multi-armed bandit: a task is the arms' success probabilities `[tasks, arms]`; an episode is
+    `horizon` pulls; a pull of arm a pays 1 with probability p_a (or p_a itself with `expected=True`, the
+    exact-expectation variant the tests use). The observation is a constant 1 (no memory in the policy)."""
+
+    obs_dim = 1
+
+    def __init__(self, arms: int = 2, horizon: int = 1, expected: bool = False,
+                 sampler: Callable[[int, torch.Generator | None], Tensor] | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        if int(arms) != arms or arms < 2:
+            raise ValueError(f"a bandit needs at least 2 arms, got {arms!r}")
+        if int(horizon) != horizon or horizon < 1:
+            raise ValueError(f"horizon must be a positive integer, got {horizon!r}")
+        self.arms, self.horizon, self.expected, self.dtype = int(arms), int(horizon), bool(expected), dtype
+        self.action_space: Space = Discrete(self.arms)
+        self.sampler = sampler
+
+    def sample_tasks(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """Arm probabilities `[n, arms]` (uniform in [0, 1] unless a `sampler` was given)."""
+        if self.sampler is not None:
+            return self.sampler(n, generator).to(self.dtype)
+        return torch.rand(n, self.arms, generator=generator, dtype=torch.float64).to(self.dtype)
+
+    def batch(self, settings: Tensor, episodes: int, generator: torch.Generator | None = None) -> _BanditBatch:
+        if settings.dim() != 2 or settings.shape[1] != self.arms:
+            raise ValueError(f"Bandit task settings are arm probabilities of shape [tasks, {self.arms}], "
+                             f"got {tuple(settings.shape)}")
+        return _BanditBatch(self, settings.to(self.dtype), episodes, generator)
+
+
+class _BanditBatch:
+    def __init__(self, env: Bandit, probs: Tensor, episodes: int, generator: torch.Generator | None) -> None:
+        self.env, self.probs, self.episodes, self.generator = env, probs, int(episodes), generator
+
+    def reset(self) -> Tensor:
+        return torch.ones(self.probs.shape[0], self.episodes, 1, dtype=self.env.dtype)
+
+    def step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        p = self.probs.gather(1, actions.long())
+        reward = p if self.env.expected else (torch.rand(p.shape, generator=self.generator, dtype=torch.float64)
+                                              < p.double()).to(self.env.dtype)
+        done = torch.zeros(p.shape, dtype=torch.bool)
+        return self.reset(), reward, done
+
+    def close(self) -> None:
+        pass
+
+
+# -- gymnasium ---------------------------------------------------------------------------------------------
+def _gymnasium() -> Any:
+    try:
+        import gymnasium
+    except ImportError:
+        raise ImportError("gymnasium environments need the optional dependency gymnasium: "
+                          "pip install 'metagrad[rl]'") from None
+    return gymnasium
+
+
+class GymEnv:
+    """Any registered gymnasium environment id as a task family, run through `gymnasium.vector.SyncVectorEnv`.
+
+    `task_kwargs(setting) -> dict` turns one task's setting (a row of `settings`) into keyword arguments
+    of `gymnasium.make` (e.g. the goal); `sample_tasks(n, generator)` draws settings (default: no
+    settings, every task the same environment). Unknown ids are a clear error at construction.
+    """
+
+    def __init__(self, env_id: str, horizon: int,
+                 task_kwargs: Callable[[Tensor], dict[str, Any]] | None = None,
+                 sample_tasks: Callable[[int, torch.Generator | None], Tensor] | None = None,
+                 dtype: torch.dtype = torch.float32, **make_kwargs: Any) -> None:
+        gym = _gymnasium()
+        if env_id == "metagrad/Nav2D-v0":
+            register_gymnasium()
+        try:
+            gym.spec(env_id)
+        except gym.error.Error as e:
+            raise ValueError(f"unknown gymnasium environment id {env_id!r} ({type(e).__name__}: {e}); "
+                             "see gymnasium.pprint_registry() for the registered ids") from None
+        self.env_id, self.horizon, self.dtype = env_id, int(horizon), dtype
+        self.task_kwargs, self._sample, self.make_kwargs = task_kwargs, sample_tasks, make_kwargs
+        probe = gym.make(env_id, **make_kwargs)
+        try:
+            shape = probe.observation_space.shape
+            if shape is None or len(shape) != 1:
+                raise ValueError(f"{env_id}: observations of shape {shape} are not supported (a flat vector is needed)")
+            self.obs_dim = int(shape[0])
+            self.action_space = from_gymnasium(probe.action_space)
+        finally:
+            probe.close()
+
+    def sample_tasks(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        if self._sample is None:
+            return torch.zeros(n, 0, dtype=self.dtype)
+        return self._sample(n, generator).to(self.dtype)
+
+    def batch(self, settings: Tensor, episodes: int, generator: torch.Generator | None = None) -> _GymBatch:
+        gym = _gymnasium()
+        fns = []
+        for setting in settings:
+            kwargs = {**self.make_kwargs, **(self.task_kwargs(setting) if self.task_kwargs else {})}
+            fns += [(lambda kw=kwargs: gym.make(self.env_id, **kw))] * int(episodes)
+        vec = gym.vector.SyncVectorEnv(fns)
+        seed = int(torch.randint(0, 2 ** 31 - 1, (), generator=generator))
+        return _GymBatch(vec, settings.shape[0], int(episodes), seed, self.dtype, self.action_space)
+
+
+class _GymBatch:
+    def __init__(self, vec: Any, tasks: int, episodes: int, seed: int, dtype: torch.dtype, space: Space) -> None:
+        self.vec, self.tasks, self.episodes, self.seed = vec, tasks, episodes, seed
+        self.dtype, self.space = dtype, space
+
+    def _t(self, x: Any) -> Tensor:
+        t = torch.as_tensor(x)
+        return t.to(self.dtype if t.is_floating_point() else t.dtype).reshape(self.tasks, self.episodes, *t.shape[1:])
+
+    def reset(self) -> Tensor:
+        obs, _ = self.vec.reset(seed=self.seed)
+        return self._t(obs)
+
+    def step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        a = actions.reshape(self.tasks * self.episodes, *actions.shape[2:]).cpu().numpy()
+        obs, reward, terminated, truncated, _ = self.vec.step(a)
+        return self._t(obs), self._t(reward).to(self.dtype), self._t(terminated | truncated)
+
+    def close(self) -> None:
+        self.vec.close()
+
+
+def _nav2d_gymnasium_class() -> type:
+    gym = _gymnasium()
+    import numpy as np
+
+    class Nav2DEnv(gym.Env):
+        """`Nav2D` as a gymnasium environment (float64, one goal per instance): `metagrad/Nav2D-v0`."""
+
+        metadata: dict = {"render_modes": []}
+
+        def __init__(self, goal: Any = (0.0, 0.0), max_action: float = 0.1, success_radius: float = 0.01) -> None:
+            self.goal = np.asarray(goal, dtype=np.float64)
+            self.max_action, self.success_radius = float(max_action), float(success_radius)
+            self.observation_space = gym.spaces.Box(-np.inf, np.inf, (2,), np.float64)
+            self.action_space = gym.spaces.Box(-max_action, max_action, (2,), np.float64)
+
+        def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple:
+            super().reset(seed=seed)
+            self.pos = np.zeros(2)
+            return self.pos.copy(), {}
+
+        def step(self, action: Any) -> tuple:
+            self.pos = self.pos + np.clip(np.asarray(action, dtype=np.float64), -self.max_action, self.max_action)
+            d = self.pos - self.goal
+            reward = -float(np.sqrt((d ** 2).sum()))
+            return self.pos.copy(), reward, bool((np.abs(d) < self.success_radius).all()), False, {}
+
+    return Nav2DEnv
+
+
+def register_gymnasium() -> None:
+    """Register `metagrad/Nav2D-v0` with gymnasium (idempotent); the horizon is gymnasium's `max_episode_steps`."""
+    gym = _gymnasium()
+    if "metagrad/Nav2D-v0" not in gym.registry:
+        gym.register("metagrad/Nav2D-v0", entry_point=_nav2d_gymnasium_class(), max_episode_steps=100)
