@@ -272,3 +272,19 @@ def test_a_deep_copy_trains_its_own_learned_inner_rates(gen):
             p.mul_(2.0)  # the twin's rates change, the original's do not
     assert rel_err(flat(alg.meta_gradient(batch)), flat(g)) < 1e-14
     assert rel_err(flat(twin.meta_gradient(batch)), flat(g)) > 1e-3
+
+
+def test_auto_times_an_algorithm_whose_objective_uses_torch_func_transforms(gen):
+    """iMAML differentiates with torch.func.grad/vjp, which refuse saved-tensor hooks: the graph size is
+    then unknown, and auto times loop and vmap as before instead of failing."""
+    from metagrad import paths
+    from metagrad.algorithms import IMAML
+
+    torch.manual_seed(0)
+    alg = IMAML(Conv4(ways=3, in_channels=1, hidden=4).double(), inner_lr=0.1, inner_steps=1, cg_steps=1,
+                loss_fn=CE)
+    batch = conv_batch(gen)
+    ref = flat(alg.meta_gradient(batch))
+    for _ in range(2 * (paths.TIMED_RUNS + 1)):
+        assert rel_err(flat(alg.meta_gradient(batch)), ref) < 1e-12
+    assert list(alg.tuned_paths.values())[0] in ("loop", "vmap")

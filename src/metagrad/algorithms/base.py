@@ -232,8 +232,13 @@ class Algorithm(nn.Module):
         if self.timer.needs_size(key, paths.path_candidates(self.model, order, self.device(), self.path), path):
             # One task's graph, measured in the loop's first (warm-up, untimed) run: `auto` will not try
             # vmap where every task's graph at once would not fit in the memory available.
-            with self.timer.measure(key), torch.enable_grad():
-                self.objective(batch[0:1], iteration, path.replace(parallel=False))
+            try:
+                with self.timer.measure(key), torch.enable_grad():
+                    self.objective(batch[0:1], iteration, path.replace(parallel=False))
+            except RuntimeError as e:  # torch.func.grad/vjp inside (iMAML) refuse saved-tensor hooks
+                if "saved tensor hooks" not in str(e):
+                    raise
+                self.timer.task_bytes[key] = 0  # not measurable: no prediction, the trial runs
         grads = self.local_meta_gradient(batch, iteration, path.replace(parallel=False), chunk_size)
         if self.device().type == "cuda":
             torch.cuda.synchronize()
