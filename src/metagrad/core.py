@@ -163,14 +163,7 @@ class TaskBatch:
 
     def to(self, *args, **kwargs) -> TaskBatch:
         """The batch moved or cast like `Tensor.to` (labels keep their integer dtype)."""
-        def move(t: Tensor) -> Tensor:
-            if t.is_floating_point():
-                return t.to(*args, **kwargs)
-            kw = {k: v for k, v in kwargs.items() if k != "dtype"}
-            dev = [a for a in args if isinstance(a, (str, torch.device))]
-            return t.to(*dev, **kw)
-
-        return TaskBatch(*(move(t) for t in self.tensors()))
+        return TaskBatch(*(_move(t, args, kwargs) for t in self.tensors()))
 
     @property
     def support(self) -> tuple[Tensor, Tensor]:

@@ -19,7 +19,7 @@ import logging
 import numbers
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -252,10 +252,7 @@ class Algorithm(nn.Module):
         names, leaves = zip(*self.meta_parameters().items())
         total = [torch.zeros_like(p) for p in leaves]
         metrics: dict[str, float] = {}
-        size = chunk_size or (len(batch) if path.base == "vmap" else 1)
-        for lo in range(0, len(batch), size):
-            chunk = batch[lo:lo + size]
-            w = len(chunk) / len(batch)
+        for chunk, w in chunks(batch, path, chunk_size):
             with torch.enable_grad():
                 loss, m = self.objective(chunk, iteration, path)
                 core.check_finite(loss, f"meta-loss at iteration {iteration}")
@@ -309,9 +306,7 @@ class Algorithm(nn.Module):
         leaves = list(self.meta_parameters().values())
         if not (torch.is_grad_enabled() and leaves):
             path = self._path_for(batch, iteration).replace(parallel=False)
-            size = len(batch) if path.base == "vmap" else 1
-            return sum(self.objective(batch[lo:lo + size], iteration, path)[0].detach() * (min(size, len(batch) - lo)
-                       / len(batch)) for lo in range(0, len(batch), size))
+            return sum(self.objective(chunk, iteration, path)[0].detach() * w for chunk, w in chunks(batch, path))
         return _EagerMetaLoss.apply(self, batch, iteration, *leaves)
 
     def adapt(self, batch: Any, steps: int | None = None) -> Params:
@@ -385,6 +380,15 @@ class _EagerMetaLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple:
         return (None, None, None, *(grad_out * g for g in ctx.grads))
+
+
+def chunks(batch: Any, path: ExecPath, chunk_size: int | None = None) -> Iterator[tuple[Any, float]]:
+    """Slices of the batch computed one at a time, each with its share of the tasks: one task on the
+    loop path (memory: one task's graph), the whole batch on vmap, or `chunk_size` tasks."""
+    size = chunk_size or (len(batch) if path.base == "vmap" else 1)
+    for lo in range(0, len(batch), size):
+        chunk = batch[lo:lo + size]
+        yield chunk, len(chunk) / len(batch)
 
 
 def pooled(batch: Any) -> Any:
