@@ -325,20 +325,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     val_tasks = build_tasks(spec, split="val") if cfg.val_every > 0 else None
     test_tasks = build_tasks(spec, split="test")
     budget = None if cfg.budget_minutes is None else cfg.budget_minutes * 60  # meta_train takes seconds
+
+    def train(run: Run | None) -> Any:
+        # Every rank runs the same loop; meta_train writes, validates and shows progress on rank 0 only.
+        return meta_train(algorithm, tasks, cfg.iterations, cfg.meta_batch, cfg.outer_lr, run=run, resume=args.resume,
+                          seed=cfg.seed, val_tasks=val_tasks, val_every=cfg.val_every, val_n_tasks=cfg.val_tasks,
+                          log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, time_budget=budget,
+                          device=cfg.device, spec=spec, progress=not args.no_progress, desc=cfg.algorithm,
+                          lr_schedule=cfg.lr_schedule, min_outer_lr=cfg.min_outer_lr)
+
     if not distributed.is_writer():  # ranks 1..: their shard of every meta-batch; rank 0 evaluates and writes
-        meta_train(algorithm, tasks, cfg.iterations, cfg.meta_batch, cfg.outer_lr, run=None, resume=args.resume,
-                   seed=cfg.seed, log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, time_budget=budget,
-                   device=cfg.device, spec=spec, progress=False, lr_schedule=cfg.lr_schedule,
-                   min_outer_lr=cfg.min_outer_lr)
+        train(None)
         return 0
     with new_folder_removed_on_error(out):
         run = Run(out, dataclasses.asdict(cfg), resume=args.resume, overwrite=args.overwrite)
         t0 = time.time()
-        trained = meta_train(algorithm, tasks, cfg.iterations, cfg.meta_batch, cfg.outer_lr, run=run,
-                             seed=cfg.seed, val_tasks=val_tasks, val_every=cfg.val_every, val_n_tasks=cfg.val_tasks,
-                             log_every=cfg.log_every, checkpoint_every=cfg.checkpoint_every, time_budget=budget,
-                             device=cfg.device, spec=spec, progress=not args.no_progress, desc=cfg.algorithm,
-                             lr_schedule=cfg.lr_schedule, min_outer_lr=cfg.min_outer_lr)
+        trained = train(run)
     # Held-out tasks from the generator `metagrad eval` uses too: the same numbers when re-evaluated.
     result = evaluate(algorithm, test_tasks, cfg.eval_tasks, cfg.eval_steps,
                       torch.Generator().manual_seed(cfg.seed + 10_000), progress=not args.no_progress)
