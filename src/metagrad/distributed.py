@@ -227,7 +227,7 @@ def _pack(alg: Any, batch: Any, iteration: int, path: ExecPath) -> tuple[dict, l
     leaves_q, spec_q = tree_flatten(batch.query)
     meta = {"cmd": "gradient", "iteration": iteration, "path": str(path), "kind": type(batch).__name__,
             "n_params": len(params), "support": treespec_dumps(spec_s), "query": treespec_dumps(spec_q),
-            "n_support": len(leaves_s), "eval_steps": alg.eval_steps}
+            "n_support": len(leaves_s)}
     return meta, params + [t.detach().contiguous() for t in leaves_s + leaves_q]
 
 
