@@ -192,16 +192,21 @@ class Algorithm(nn.Module):
             raise ValueError(f"the TaskBatch needs at least one task, one support and one query example; "
                              f"got support {tuple(batch.support_x.shape)}, query {tuple(batch.query_x.shape)}")
 
+    def _in_process(self, path: str | ExecPath | None = None) -> ExecPath:
+        """`path` (default: this model's path at order 1, where no graph reaches the start, so vmap is exact
+        even over torch BatchNorm) without 'parallel': adaptation alone runs in this process."""
+        return ExecPath.parse(path or self.exec_path(1)).replace(parallel=False)
+
     def fit_tasks(self, data: Any, steps: int, path: str | ExecPath | None = None) -> Params:
         """Each task's parameters after `steps` inner steps on its `data [tasks, ...]`, without a graph to
         the start: stacked `[tasks, *param.shape]` (parameters the inner optimizer does not adapt repeat theta)."""
         theta = self.params()
-        path = ExecPath.parse(path or self.exec_path(1)).replace(parallel=False)
+        path = self._in_process(path)
         return core.map_tasks(lambda on, d: on.adapt(theta, d), self.adapter(steps=steps, order=0), path, data)
 
     def task_losses(self, stacked: Params, data: Any, path: str | ExecPath | None = None) -> Tensor:
         """Loss of each task's parameters `stacked [tasks, ...]` on its own `data [tasks, ...]`: `[tasks]`."""
-        path = ExecPath.parse(path or self.exec_path(1)).replace(parallel=False)
+        path = self._in_process(path)
         return core.map_tasks(lambda on, p, d: on.loss(p, d), self.adapter(), path, stacked, data)
 
     def objective(self, batch: Any, iteration: int, path: ExecPath) -> tuple[Tensor, dict[str, Tensor]]:
@@ -321,14 +326,9 @@ class Algorithm(nn.Module):
         """Each task's parameters after 0..`steps` inner steps on its `support` data (meta-test, no graph):
         `{name: [tasks, steps + 1, *param.shape]}`; the parameters the inner optimizer does not adapt repeat."""
         theta = self.params()
-        path = ExecPath.parse(self.exec_path(1)).replace(parallel=False)
+        path = self._in_process()
         return core.map_tasks(lambda on, s: {n: torch.stack([p[n] for p in on.trajectory(theta, s)]) for n in theta},
                               self.adapter(steps=check_steps(steps=steps), order=0), path, support)
-
-    def evaluate_adapted(self, adapted: Params, query: Any) -> tuple[Tensor, dict[str, Tensor]]:
-        """Query loss `[tasks]` and metrics of each task's adapted parameters `[tasks, ...]` on its `query`."""
-        path = ExecPath.parse(self.exec_path(1)).replace(parallel=False)
-        return core.map_tasks(lambda on, p, q: on.evaluate(p, q), self.adapter(order=0), path, adapted, query)
 
     def predict(self, adapted: Params, x: Tensor) -> Tensor:
         """Outputs of each task's adapted model on its inputs `x [tasks, n, ...]`."""
@@ -339,8 +339,7 @@ class Algorithm(nn.Module):
         """Query loss (and accuracy for labels) of each task after 0..steps inner steps: `[tasks, steps+1]`."""
         self._check_batch(batch)
         check_steps(steps=steps)
-        # No graph to the start (order 0), so vmap is right even with torch BatchNorm: the path of order 1.
-        path = ExecPath.parse(self.exec_path(1)).replace(parallel=False)
+        path = self._in_process()
         theta = self.params()
         losses, metrics = core.map_tasks(lambda on, s, q: core.adapt_and_evaluate(on, theta, s, q, all_steps=True),
                                          self.adapter(steps=steps, order=0), path, batch.support, batch.query)
