@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -241,12 +243,22 @@ def supervised(loss_fn: LossFn = mse_loss) -> SupervisedLoss:
     return loss_fn if isinstance(loss_fn, SupervisedLoss) else SupervisedLoss(loss_fn)
 
 
+def takes_step(model: nn.Module) -> bool:
+    """True if the module's forward takes the inner step index (`forward(x, step)`: MAML++'s per-step batch norm)."""
+    return "step" in inspect.signature(model.forward).parameters
+
+
 def functional(model: nn.Module) -> Model:
-    """The module as a pure function `f(params, x)`; buffers are taken from the module."""
-    def f(params: Params, x: Tensor) -> Tensor:
-        return functional_call(model, (params, dict(model.named_buffers())), (x,), strict=False)
+    """The module as a pure function `f(params, x)`; buffers are taken from the module. A module whose forward
+    takes `step` (the number of inner updates its params have had) gets it as `f(params, x, step=k)`."""
+    stepped = takes_step(model)
+
+    def f(params: Params, x: Tensor, step: int = 0) -> Tensor:
+        kwargs = {"step": step} if stepped else {}
+        return functional_call(model, (params, dict(model.named_buffers())), (x,), kwargs, strict=False)
 
     f.module = model  # type: ignore[attr-defined]  # for_vmap rebuilds f from it
+    f.stepped = stepped  # type: ignore[attr-defined]  # Adapter.f_at binds the step only where it is read
     return f
 
 
@@ -300,9 +312,13 @@ def for_vmap(f: Model) -> Model:
     if twin is model:
         return f
 
-    def g(params: Params, x: Tensor) -> Tensor:
-        return functional_call(twin, (params, dict(model.named_buffers())), (x,), strict=False)
+    stepped = getattr(f, "stepped", False)
 
+    def g(params: Params, x: Tensor, step: int = 0) -> Tensor:
+        kwargs = {"step": step} if stepped else {}
+        return functional_call(twin, (params, dict(model.named_buffers())), (x,), kwargs, strict=False)
+
+    g.stepped = stepped  # type: ignore[attr-defined]
     return g
 
 
@@ -318,15 +334,16 @@ def with_options(f: Model, options: frozenset[str] | set[str]) -> Model:
     if not set(options) & {"cl", "bf16"}:
         return f
 
-    def g(params: Params, x: Tensor) -> Tensor:
+    def g(params: Params, x: Tensor, **step: int) -> Tensor:
         dtype = x.dtype
         if "cl" in options and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled="bf16" in options):
-            out = f(params, x)
+            out = f(params, x, **step)
         # The loss and the inner update stay in the parameters' precision; only the network runs in bf16.
         return out.to(dtype) if out.is_floating_point() and dtype.is_floating_point else out
 
+    g.stepped = getattr(f, "stepped", False)  # type: ignore[attr-defined]
     return g
 
 
@@ -375,18 +392,24 @@ class Adapter:
         # Conv weights in the images' layout, so that the convolutions need no conversion per call.
         return {n: p.contiguous(memory_format=torch.channels_last) if p.dim() == 4 else p for n, p in params.items()}
 
-    def loss(self, params: Params, data: Any) -> Tensor:
-        """The task loss of `params` on one task's `data`."""
-        return self.task_loss(self.f, params, data)
+    def f_at(self, k: int) -> Model:
+        """The model function for params that have had `k` inner updates: `f` with `step=k` bound where the
+        model reads it (MAML++'s per-step batch norm), else `f` itself."""
+        return functools.partial(self.f, step=k) if getattr(self.f, "stepped", False) else self.f
 
-    def gradient(self, params: Params, data: Any, create_graph: bool) -> tuple[Tensor, Params]:
-        """Loss at `params` and its gradient with respect to the parameters the inner optimizer adapts."""
+    def loss(self, params: Params, data: Any, k: int | None = None) -> Tensor:
+        """The task loss of `params` (after `k` inner updates; default `steps`) on one task's `data`."""
+        return self.task_loss(self.f_at(self.steps if k is None else k), params, data)
+
+    def gradient(self, params: Params, data: Any, create_graph: bool, k: int = 0) -> tuple[Tensor, Params]:
+        """Loss at `params` (after `k` inner updates) and its gradient with respect to the parameters the
+        inner optimizer adapts."""
         names = list(self.inner_opt.select(params))
         if self.vmapped:
             # torch.autograd.grad cannot run under vmap; torch.func.grad can, and composes with the
             # outer autograd graph for second order.
             def loss_of(sub: Params) -> tuple[Tensor, Tensor]:
-                loss = self.loss({**params, **sub}, data)
+                loss = self.loss({**params, **sub}, data, k)
                 return loss, loss
 
             sub = {n: params[n] for n in names}
@@ -401,15 +424,15 @@ class Adapter:
             params = {n: (p.detach().requires_grad_(True) if n in names else p.detach())
                       for n, p in params.items()}
             create_graph = False
-        loss = self.loss(params, data)
+        loss = self.loss(params, data, k)
         g = torch.autograd.grad(loss, [params[n] for n in names], create_graph=create_graph)
         return loss, dict(zip(names, g))
 
-    def step(self, params: Params, state: object, data: Any) -> tuple[Params, object, Tensor]:
-        """One inner-optimizer step on one task's `data`: new params, new state and the pre-step loss."""
+    def step(self, params: Params, state: object, data: Any, k: int = 0) -> tuple[Params, object, Tensor]:
+        """Inner step `k` (0-based) on one task's `data`: new params, new state and the pre-step loss."""
         # Inner steps need gradients even when the caller is under no_grad (evaluation, finite differences).
         with torch.enable_grad():
-            loss, g = self.gradient(params, data, create_graph=self.order >= 2)
+            loss, g = self.gradient(params, data, create_graph=self.order >= 2, k=k)
             updates, state = self.inner_opt.update(g, state, {n: params[n] for n in g})
             new = dict(params)
             for n in g:
@@ -427,8 +450,8 @@ class Adapter:
         params = self._layout({n: p.detach() for n, p in params.items()} if self.order == 0 else params)
         state = self.init(params)
         trajectory = [params]
-        for _ in range(self.steps):
-            params, state, _ = self.step(params, state, support)
+        for k in range(self.steps):
+            params, state, _ = self.step(params, state, support, k)
             trajectory.append(params)
         return trajectory
 
@@ -436,13 +459,15 @@ class Adapter:
         """One task's adapted parameters after `steps` inner steps on its `support` data."""
         return self.trajectory(params, support)[-1]
 
-    def evaluate(self, adapted: Params, query: Any) -> tuple[Tensor, dict[str, Tensor]]:
-        """One task's query loss at `adapted` and its metrics (accuracy for integer labels)."""
+    def evaluate(self, adapted: Params, query: Any, k: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """One task's query loss at `adapted` (after `k` inner updates; default `steps`) and its metrics
+        (accuracy for integer labels)."""
         adapted = self._layout(adapted)
+        k = self.steps if k is None else k
         with_metrics = getattr(self.task_loss, "with_metrics", None)
         if with_metrics is not None:
-            return with_metrics(self.f, adapted, query)
-        return self.loss(adapted, query), {}
+            return with_metrics(self.f_at(k), adapted, query)
+        return self.loss(adapted, query, k), {}
 
 
 def map_tasks(fn: Callable[..., Any], adapter: Adapter, path: str | ExecPath, *data: Any) -> Any:
@@ -469,7 +494,7 @@ def adapt_and_evaluate(on: Adapter, params: Params, support: Any, query: Any,
     """One task: adapt on `support`, evaluate on `query`: loss `[]` and metrics (`[steps+1]` with `all_steps`)."""
     if not all_steps:
         return on.evaluate(on.adapt(params, support), query)
-    outs = [on.evaluate(p, query) for p in on.trajectory(params, support)]
+    outs = [on.evaluate(p, query, k) for k, p in enumerate(on.trajectory(params, support))]
     return torch.stack([o[0] for o in outs]), tree_map(lambda *xs: torch.stack(xs), *[o[1] for o in outs])
 
 

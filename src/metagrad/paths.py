@@ -101,6 +101,12 @@ def has_native_batchnorm(model: nn.Module) -> bool:
                for m in model.modules())
 
 
+def updates_statistics(model: nn.Module) -> bool:
+    """True if a forward pass of the model writes statistics in place (MAML++'s per-step running statistics in
+    training mode): under vmap the write is refused, and forked workers would keep it to themselves."""
+    return any(getattr(m, "updates_statistics", False) for m in model.modules())
+
+
 def choose_path(model: nn.Module, order: int, device: torch.device, path: str | ExecPath = "auto") -> ExecPath:
     """The execution path for the meta-batch: the rule's fastest one that is also exact.
 
@@ -113,7 +119,13 @@ def choose_path(model: nn.Module, order: int, device: torch.device, path: str | 
     over its ranks by itself): both are the user's choice.
     """
     p = ExecPath.parse(path)
-    vmap_ok = not (order >= 2 and has_native_batchnorm(model))
+    writes = updates_statistics(model)
+    if writes and (p.base == "vmap" or p.parallel):
+        raise ValueError(
+            f"path {str(p)!r} is refused for a model that keeps running statistics in training mode (per-step "
+            "batch norm with running_stats=True): vmap cannot write them in place and forked workers would keep "
+            "them to themselves. Use path='loop' (or 'auto'), or running_stats=False.")
+    vmap_ok = not (order >= 2 and has_native_batchnorm(model)) and not writes
     if p.base == "vmap" and not vmap_ok:
         raise ValueError(
             "path='vmap' with order=2 is refused for models with a torch BatchNorm that tracks running "
@@ -138,7 +150,7 @@ def path_candidates(model: nn.Module, order: int, device: torch.device,
     on CPU (workload-dependent there); one path wherever the rule is clear."""
     chosen = choose_path(model, order, device, path)
     if ExecPath.parse(path).base != "auto" or device.type != "cpu" or chosen.base != "loop" or chosen.parallel \
-            or (order >= 2 and has_native_batchnorm(model)):
+            or (order >= 2 and has_native_batchnorm(model)) or updates_statistics(model):
         return [chosen]
     return [chosen, chosen.replace(base="vmap")]
 

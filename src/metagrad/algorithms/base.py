@@ -85,12 +85,7 @@ class Algorithm(nn.Module):
                 raise ValueError(f"{type(self).__name__} does not support path option {option!r}: "
                                  f"{self.refused_options[option]}")
         self.path = path
-        names = [n for n, _ in model.named_parameters()]
-        if adapt_names is not None:
-            unknown = sorted(set(adapt_names) - set(names))
-            if unknown:
-                raise ValueError(f"adapt_names {unknown} are not parameters of the model; it has {names}")
-        self.adapt_names = list(adapt_names) if adapt_names is not None else None
+        self.adapt_names = inner_names(model, adapt_names)
         self.f = core.functional(model)
         self.register_buffer("iteration", torch.zeros((), dtype=torch.long))
         # A buffer, so that a step count chosen on validation tasks is saved in checkpoints.
@@ -330,9 +325,12 @@ class Algorithm(nn.Module):
         return core.map_tasks(lambda on, s: {n: torch.stack([p[n] for p in on.trajectory(theta, s)]) for n in theta},
                               self.adapter(steps=check_steps(steps=steps), order=0), path, support)
 
-    def predict(self, adapted: Params, x: Tensor) -> Tensor:
-        """Outputs of each task's adapted model on its inputs `x [tasks, n, ...]`."""
-        return core.map_tasks(lambda on, p, xi: on.f(p, xi), self.adapter(order=0), "loop", adapted, x)
+    def predict(self, adapted: Params, x: Tensor, steps: int | None = None) -> Tensor:
+        """Outputs of each task's adapted model (after `steps` inner steps, default `eval_steps`, as `adapt`)
+        on its inputs `x [tasks, n, ...]`."""
+        steps = self.eval_steps if steps is None else check_steps(steps=steps)
+        return core.map_tasks(lambda on, p, xi: on.f_at(steps)(p, xi), self.adapter(steps=steps, order=0), "loop",
+                              adapted, x)
 
     @torch.no_grad()
     def adaptation_curve(self, batch: Any, steps: int) -> tuple[Tensor, Tensor | None]:
@@ -393,6 +391,19 @@ def chunks(batch: Any, path: ExecPath, chunk_size: int | None = None) -> Iterato
 def pooled(batch: Any) -> Any:
     """Each task's support and query data together, `[tasks, shots + query_shots, ...]` (Reptile, the baselines)."""
     return core.tree_map(lambda s, q: torch.cat([s, q], dim=1), batch.support, batch.query)
+
+
+def inner_names(model: nn.Module, adapt_names: Sequence[str] | None = None) -> list[str] | None:
+    """The parameters the inner loop adapts: `adapt_names` (checked), else all but those the model learns in the
+    outer loop only (`model.meta_only`: MAML++'s per-step batch norm); None for all of them."""
+    names = [n for n, _ in model.named_parameters()]
+    if adapt_names is not None:
+        unknown = sorted(set(adapt_names) - set(names))
+        if unknown:
+            raise ValueError(f"adapt_names {unknown} are not parameters of the model; it has {names}")
+        return list(adapt_names)
+    meta_only = set(getattr(model, "meta_only", ()))
+    return [n for n in names if n not in meta_only] if meta_only else None
 
 
 def check_steps(**kwargs: int) -> int:

@@ -95,9 +95,9 @@ class L2O(Algorithm):
                 full[i] = t
             st = tree_unflatten(full, spec)
             losses = []
-            for _ in range(first, first + steps):
-                p, st, _ = on.step(p, st, support)
-                losses.append(on.loss(p, query))
+            for k in range(first, first + steps):
+                p, st, _ = on.step(p, st, support, k)
+                losses.append(on.loss(p, query, k + 1))
             new, _ = tree_flatten(st)
             constants[:] = [t for t in new if not isinstance(t, Tensor)]
             return torch.stack(losses), p, [t for t in new if isinstance(t, Tensor)]

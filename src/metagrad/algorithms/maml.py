@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from metagrad import core
-from metagrad.algorithms.base import Algorithm, check_steps
+from metagrad.algorithms.base import Algorithm, check_steps, inner_names
 from metagrad.core import ExecPath, LossFn, Path
 from metagrad.inner import InnerOptimizer, per_layer_per_step_lr
 
@@ -56,7 +56,8 @@ class MAML(Algorithm):
     ) -> None:
         if lslr and inner_opt is None:
             params = core.named_params(model)
-            adapted = {n: p for n, p in params.items() if adapt_names is None or n in adapt_names}
+            names = inner_names(model, adapt_names)
+            adapted = {n: p for n, p in params.items() if names is None or n in names}
             inner_opt = per_layer_per_step_lr(adapted, inner_lr, max(inner_steps, 1))
         super().__init__(model, inner_lr, inner_steps, order, loss_fn, inner_opt, path, adapt_names, eval_steps,
                          task_loss)

@@ -1,0 +1,97 @@
+"""MAML++'s per-step batch norm (weights, biases, running statistics) and the ensemble of the best checkpoints."""
+
+import pytest
+import torch
+from helpers import finite_difference, rel_err
+from torch import nn
+
+from metagrad import TaskBatch, core
+from metagrad.algorithms import MAML
+from metagrad.models import Conv4, PerStepBatchNorm
+
+CE = nn.functional.cross_entropy
+
+
+def conv4(per_step_bn: int = 3, running_stats: bool = False, seed: int = 0) -> Conv4:
+    torch.manual_seed(seed)
+    model = Conv4(ways=3, hidden=4, per_step_bn=per_step_bn, running_stats=running_stats).double()
+    with torch.no_grad():  # a different weight and bias per step, so that a mixed-up step index would show
+        for m in model.modules():
+            if isinstance(m, PerStepBatchNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return model
+
+
+def image_batch(gen: torch.Generator, tasks: int = 2) -> TaskBatch:
+    """3-way 1-shot, 2 query per class, 12x12 images: `[tasks, 3, 1, 12, 12]` and `[tasks, 6, 1, 12, 12]`."""
+    sx = torch.rand(tasks, 3, 1, 12, 12, generator=gen, dtype=torch.float64)
+    qx = torch.rand(tasks, 6, 1, 12, 12, generator=gen, dtype=torch.float64)
+    return TaskBatch(sx, torch.arange(3).repeat(tasks, 1), qx, torch.arange(3).repeat(tasks, 2))
+
+
+def test_per_step_bn_meta_gradient_matches_finite_differences(gen):
+    # 2 inner steps: set 0 normalises the first support pass, set 1 the second, set 2 the query pass.
+    alg = MAML(conv4(), inner_lr=0.1, inner_steps=2, order=2, loss_fn=CE, lslr=True, path="loop")
+    assert not set(alg.model.meta_only) & set(alg.adapt_names)  # outer loop only, as in MAML++
+    batch = image_batch(gen, tasks=1)
+    grads = alg.meta_gradient(batch)
+    numeric = finite_difference(lambda: alg.meta_loss(batch), [alg.model.features[4].weight])[0]  # [3 sets, 4]
+    assert rel_err(grads["model.features.4.weight"], numeric) < 1e-6
+    assert all(grads["model.features.4.weight"][k].abs().sum() > 1e-4 for k in range(3))  # every set is read
+
+
+def test_first_order_sees_only_the_query_pass_set(gen):
+    # Order 1 treats the inner gradients as constants: the sets of the support passes get no meta-gradient.
+    alg = MAML(conv4(), inner_lr=0.1, inner_steps=2, order=1, loss_fn=CE, path="loop")
+    w = alg.meta_gradient(image_batch(gen))["model.features.4.weight"]
+    assert torch.equal(w[:2], torch.zeros_like(w[:2])) and w[2].abs().sum() > 1e-4
+
+
+def test_per_step_bn_vmap_equals_the_loop(gen):
+    batch = image_batch(gen, tasks=3)
+    grads = [MAML(conv4(), inner_lr=0.1, inner_steps=2, order=2, loss_fn=CE, path=p).meta_gradient(batch)
+             for p in ("loop", "vmap")]
+    # Over all parameters at once: the conv biases before batch norm have a meta-gradient of exactly 0, so
+    # theirs alone would compare rounding noise.
+    assert rel_err(torch.cat([g.flatten() for g in grads[1].values()]),
+                   torch.cat([g.flatten() for g in grads[0].values()])) < 1e-10
+
+
+def test_running_statistics_are_kept_per_step(gen):
+    alg = MAML(conv4(running_stats=True), inner_lr=0.1, inner_steps=1, order=2, loss_fn=CE, path="loop")
+    # The same weights without running statistics: its forward passes write nothing.
+    twin = MAML(conv4(running_stats=False), inner_lr=0.1, inner_steps=1, order=2, loss_fn=CE, path="loop")
+    batch = image_batch(gen, tasks=1)
+    alg.meta_gradient(batch)
+    # Reference: the first block's input to batch norm, conv(x) at theta (support pass) and at theta' (query).
+    theta = twin.params()
+    adapted = twin.adapter(order=0).replace(path=core.ExecPath("loop")).adapt(theta, (batch.support_x[0],
+                                                                                        batch.support_y[0]))
+    bn = alg.model.features[1]
+    for k, (params, x) in enumerate([(theta, batch.support_x[0]), (adapted, batch.query_x[0])]):
+        h = nn.functional.conv2d(x, params["features.0.weight"],
+                                 params["features.0.bias"], stride=2, padding=1)
+        mean, var = h.mean((0, 2, 3)), h.var((0, 2, 3), unbiased=True)
+        assert torch.allclose(bn.running_mean[k], 0.1 * mean, atol=1e-12)  # momentum 0.1 from 0
+        assert torch.allclose(bn.running_var[k], 0.9 + 0.1 * var, atol=1e-12)  # from 1
+    assert torch.equal(bn.running_mean[2], torch.zeros(4))  # a set no pass reached is untouched
+    # Eval mode normalises with set k's running statistics.
+    alg.model.eval()
+    x = torch.rand(5, 4, 3, 3, generator=gen, dtype=torch.float64)
+    k = 1
+    expected = (x - bn.running_mean[k].view(1, -1, 1, 1)) / torch.sqrt(bn.running_var[k].view(1, -1, 1, 1) + 1e-5) \
+        * bn.weight[k].view(1, -1, 1, 1) + bn.bias[k].view(1, -1, 1, 1)
+    assert torch.allclose(bn(x, step=k), expected, atol=1e-12)
+    assert torch.equal(bn(x, step=7), bn(x, step=2))  # more steps than sets: the last set
+
+
+def test_paths_that_cannot_write_running_statistics_are_refused(gen):
+    model = conv4(running_stats=True)
+    for path in ("vmap", "parallel"):
+        with pytest.raises(ValueError, match="running statistics"):
+            MAML(model, inner_lr=0.1, loss_fn=CE, path=path).meta_gradient(image_batch(gen))
+    alg = MAML(model, inner_lr=0.1, loss_fn=CE, path="auto")
+    assert alg.meta_gradient(image_batch(gen)).path == "loop"
+    model.eval()  # nothing is written in eval mode: vmap is exact there
+    assert MAML(model, inner_lr=0.1, loss_fn=CE, path="vmap").meta_gradient(image_batch(gen)).path == "vmap"
