@@ -7,7 +7,11 @@ from torch import nn
 
 from metagrad import TaskBatch, core
 from metagrad.algorithms import MAML
-from metagrad.models import Conv4, PerStepBatchNorm
+from metagrad.evaluation import ensemble_predict, evaluate, evaluate_ensemble
+from metagrad.models import MLP, Conv4, PerStepBatchNorm
+from metagrad.runs import Run, read_checkpoint
+from metagrad.tasks import Sinusoid
+from metagrad.train import meta_train
 
 CE = nn.functional.cross_entropy
 
@@ -95,3 +99,49 @@ def test_paths_that_cannot_write_running_statistics_are_refused(gen):
     assert alg.meta_gradient(image_batch(gen)).path == "loop"
     model.eval()  # nothing is written in eval mode: vmap is exact there
     assert MAML(model, inner_lr=0.1, loss_fn=CE, path="vmap").meta_gradient(image_batch(gen)).path == "vmap"
+
+
+# -- the ensemble of the best validation checkpoints ---------------------------------------------------------
+def reference_prediction(alg: MAML, batch: TaskBatch) -> torch.Tensor:
+    """One member's class probabilities `[tasks, query, ways]`, by a hand-written SGD inner loop over the module."""
+    model, out = alg.model, []
+    for i in range(len(batch)):
+        p = {n: t.detach().requires_grad_(n in alg.adapt_names) for n, t in model.named_parameters()}
+        for k in range(alg.eval_steps):
+            loss = CE(torch.func.functional_call(model, p, (batch.support_x[i],), {"step": k}), batch.support_y[i])
+            grads = torch.autograd.grad(loss, [p[n] for n in alg.adapt_names])
+            p = {**p, **{n: (p[n] - 0.1 * g).detach().requires_grad_(True) for n, g in zip(alg.adapt_names, grads)}}
+        with torch.no_grad():
+            out.append(torch.func.functional_call(model, p, (batch.query_x[i],), {"step": alg.eval_steps}).softmax(-1))
+    return torch.stack(out)
+
+
+def test_the_ensemble_predicts_the_mean_of_its_members_predictions(gen):
+    members = [MAML(conv4(seed=s), inner_lr=0.1, inner_steps=2, loss_fn=CE, path="loop") for s in range(3)]
+    batch = image_batch(gen, tasks=4)
+    refs = [reference_prediction(m, batch) for m in members]
+    mean = ensemble_predict(members, batch)
+    assert torch.allclose(mean, torch.stack(refs).mean(0), atol=1e-12)
+    assert not torch.allclose(refs[0], refs[1], atol=1e-3)  # the members differ: the mean is a real average
+    result = evaluate_ensemble(members, batch)
+    assert result.mean == pytest.approx(float((mean.argmax(-1) == batch.query_y).double().mean()), abs=1e-12)
+    single = evaluate_ensemble(members[:1], batch)  # one member: the model's own accuracy
+    assert single.mean == pytest.approx(evaluate(members[0], batch).mean, abs=1e-12)
+
+
+def test_meta_train_keeps_the_best_validation_checkpoints(tmp_path, gen):
+    torch.manual_seed(0)
+    alg = MAML(MLP((1, 8, 1)), inner_lr=0.01, inner_steps=1)
+    run = Run(tmp_path / "run")
+    tasks = Sinusoid(shots=5, query_shots=5)
+    meta_train(alg, tasks, iterations=6, meta_batch=4, outer_lr=0.05, run=run, val_tasks=tasks, val_every=1,
+               val_n_tasks=8, log_every=1, progress=False, keep_best=2)
+    losses = {m["step"]: m["meta_test_loss"] for m in run.metrics() if "meta_test_loss" in m}
+    best = sorted(losses, key=lambda s: (losses[s], s))[:2]
+    assert [e["iteration"] for e in run.best()] == best  # lower loss is better, best first
+    assert sorted(p.name for p in (run.dir / "best").glob("*.safetensors")) == sorted(e["file"] for e in run.best())
+    assert read_checkpoint(run.best_paths()[0])["iteration"] == best[0]
+    run.truncate_best(min(best))  # a resumed run forgets what it will validate again
+    assert [e["iteration"] for e in run.best()] == [min(best)] and len(list((run.dir / "best").glob("*.s*"))) == 1
+    with pytest.raises(ValueError, match="keep_best"):
+        meta_train(alg, tasks, iterations=1, meta_batch=2, keep_best=2, progress=False)

@@ -321,7 +321,7 @@ def test_maml_plus_plus_short_training_learns_its_rates_and_beats_chance(tmp_pat
     from metagrad.runs import Run
     from metagrad.train import build
 
-    cfg = OmniglotMAMLPlusPlusConfig(iterations=40, multi_step_loss_iters=20, hidden=16, val_every=0,
+    cfg = OmniglotMAMLPlusPlusConfig(iterations=40, multi_step_loss_iters=20, hidden=16, val_every=0, ensemble=0,
                                      eval_tasks=100, curve_steps=5, data=ROOT, log_every=10)
     start = build(spec(cfg), seed=cfg.seed)[0].state_dict()
     results = run_omniglot(cfg, Run(tmp_path, {}))
@@ -329,7 +329,10 @@ def test_maml_plus_plus_short_training_learns_its_rates_and_beats_chance(tmp_pat
     assert curve[5] - ci[5] > 0.5, (curve, ci)  # chance: 20%
     trained = read_checkpoint(tmp_path / "checkpoint.safetensors")["algorithm"]
     rates = [k for k in trained if k.startswith("inner_meta_params.")]  # LSLR: a learned rate per layer and step
-    assert len(rates) == 18 and all(trained[k].shape == (5,) for k in rates)  # 4 x (conv, BN) x 2 + head x 2
+    # 4 conv x 2 + head x 2: the per-step batch norm is learned in the outer loop only, as in MAML++.
+    assert len(rates) == 10 and all(trained[k].shape == (5,) for k in rates)
+    assert trained["model.features.1.weight"].shape == (6, 16)  # a set per number of inner updates, 0..5
+    assert not torch.equal(trained["model.features.1.running_mean"][5], torch.zeros(16))  # the query pass's set
     assert any(not torch.equal(start[k], trained[k]) for k in rates)
     lrs = [m["outer_lr"] for m in Run(tmp_path, {}, resume=True).metrics() if "outer_lr" in m]
     assert lrs[0] > lrs[-1] > 1e-5  # cosine-annealed outer rate, logged
@@ -350,3 +353,19 @@ def test_every_algorithm_trains_on_omniglot(algorithm, tmp_path):
     assert int(trained["iteration"]) == 2 and results["iterations"] == 2
     assert not torch.equal(start["model.head.weight"], trained["model.head.weight"])
     assert 0 <= results["accuracy"] <= 1 and len(results["evaluation"]["curve"]) == 4  # 0..eval_steps (3)
+
+
+def test_maml_plus_plus_tests_the_ensemble_of_its_best_validation_checkpoints(tmp_path):
+    from metagrad.experiments.omniglot import OmniglotMAMLPlusPlusConfig, run_omniglot
+    from metagrad.runs import Run
+
+    cfg = OmniglotMAMLPlusPlusConfig(iterations=6, meta_batch=2, inner_steps=2, eval_steps=2, hidden=8,
+                                     val_every=2, val_tasks=10, ensemble=2, eval_tasks=20, curve_steps=2, data=ROOT,
+                                     log_every=2, multi_step_loss_iters=2)
+    results = run_omniglot(cfg, Run(tmp_path, {}))
+    val = {m["step"]: m["meta_test_accuracy"] for m in Run(tmp_path, {}, resume=True).metrics()
+           if "meta_test_accuracy" in m}
+    kept = results["ensemble"]["iterations"]
+    assert len(kept) == 2 and sorted(val[i] for i in kept) == sorted(val.values())[-2:]  # the two best
+    assert results["ensemble"]["n_tasks"] == 20 and 0 <= results["ensemble"]["mean"] <= 1
+    assert len(results["table"]) == 2 and "ensemble of 2" in results["table"][1]["algorithm"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -42,6 +43,70 @@ def mean_ci95(values: torch.Tensor) -> tuple[float, float]:
     return float(values.mean(0)), float(1.96 * sd / math.sqrt(n))
 
 
+def _restore(algorithm, buffers: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for n, b in algorithm.model.named_buffers():
+            b.copy_(buffers[n])
+
+
+def _sampled(tasks: TaskDistribution | TaskBatch, n_tasks: int, generator: torch.Generator | None,
+             batch_size: int):
+    """The task batches of an evaluation: slices of a given batch, or `n_tasks` sampled `batch_size` at a time."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    if isinstance(tasks, TaskBatch):
+        return [tasks[i:i + batch_size] for i in range(0, len(tasks), batch_size)]
+    if n_tasks < 1:
+        raise ValueError(f"n_tasks must be positive, got {n_tasks}")
+    sizes = [min(batch_size, n_tasks - i) for i in range(0, n_tasks, batch_size)]
+    # Sampled one batch at a time: 600 episodes of 20-way 5-shot would hold hundreds of MB at once.
+    return (tasks.sample(s, generator) for s in sizes)
+
+
+@torch.no_grad()
+def ensemble_predict(members: Sequence, batch: TaskBatch) -> torch.Tensor:
+    """The ensemble's prediction on each task's query inputs: every member adapts on the support set
+    (`eval_steps` steps) and predicts; class probabilities (integer labels) or outputs are averaged over the
+    members: `[tasks, query_shots, ...]`."""
+    if not members:
+        raise ValueError("an ensemble needs at least one member")
+    classify = not batch.query_y.is_floating_point()
+    preds = []
+    for m in members:
+        buffers = {n: b.clone() for n, b in m.model.named_buffers()}
+        out = m.predict(m.adapt(batch), batch.query_x)
+        _restore(m, buffers)
+        preds.append(out.softmax(-1) if classify else out)
+    return torch.stack(preds).mean(0)
+
+
+def evaluate_ensemble(
+    members: Sequence,
+    tasks: TaskDistribution | TaskBatch,
+    n_tasks: int = 1000,
+    generator: torch.Generator | None = None,
+    batch_size: int = 100,
+) -> EvalResult:
+    """Query accuracy (integer labels: the argmax of the mean probability) or loss (the first member's `loss_fn`
+    of the mean output) of the ensemble `ensemble_predict` on held-out tasks: mean and 95% CI over the tasks.
+    MAML++ tests the ensemble of its five best validation checkpoints (`meta_train(keep_best=5)`). The result's
+    curve holds the members' `eval_steps` point only."""
+    device = members[0].device() if members else None
+    per_task, metric = [], "loss"
+    for b in _sampled(tasks, n_tasks, generator, batch_size):
+        b = b.to(device)
+        mean = ensemble_predict(members, b)
+        if not b.query_y.is_floating_point():
+            metric = "accuracy"
+            per_task.append((mean.argmax(-1) == b.query_y).double().mean(1).cpu())
+        else:
+            per_task.append(torch.stack([members[0].loss_fn(p, y) for p, y in zip(mean, b.query_y)]).double().cpu())
+    values = torch.cat(per_task)
+    m, ci = mean_ci95(values)
+    steps = members[0].eval_steps
+    return EvalResult(metric, m, ci, values.shape[0], steps, [m], [ci])
+
+
 def evaluate(
     algorithm,
     tasks: TaskDistribution | TaskBatch,
@@ -55,20 +120,14 @@ def evaluate(
     `eval_steps`, i.e. `inner_steps` unless chosen by `select_eval_steps`) and report query accuracy
     for classification, query loss otherwise. `progress` shows a bar over the tasks."""
     steps = algorithm.eval_steps if steps is None else check_steps(steps=steps)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if isinstance(tasks, TaskBatch):
-        batches = [tasks[i:i + batch_size] for i in range(0, len(tasks), batch_size)]
-    else:
-        if n_tasks < 1:
-            raise ValueError(f"n_tasks must be positive, got {n_tasks}")
-        sizes = [min(batch_size, n_tasks - i) for i in range(0, n_tasks, batch_size)]
-        # Sampled one batch at a time: 600 episodes of 20-way 5-shot would hold hundreds of MB at once.
-        batches = (tasks.sample(s, generator) for s in sizes)
+    batches = _sampled(tasks, n_tasks, generator, batch_size)
     device = algorithm.device()
     per_task = []
     metric = "loss"
     was_training = algorithm.training
+    # Meta-test adaptation must not move running statistics (MAML++'s per-step ones): restored at the end, as
+    # the MAML++ code backs them up around evaluation.
+    buffers = {n: b.clone() for n, b in algorithm.model.named_buffers()}
     if progress:  # a bar over tasks: 600 Omniglot episodes take minutes on a CPU
         from tqdm.auto import tqdm
 
@@ -83,6 +142,7 @@ def evaluate(
     if progress:
         bar.close()
     algorithm.train(was_training)
+    _restore(algorithm, buffers)
     curves = torch.cat(per_task)  # [tasks, steps + 1]
     stats = [mean_ci95(curves[:, k]) for k in range(curves.shape[1])]
     return EvalResult(metric, stats[-1][0], stats[-1][1], curves.shape[0], steps,

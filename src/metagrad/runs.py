@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 CHECKPOINT = "checkpoint.safetensors"
+BEST = "best"  # the best validation checkpoints of a run (meta_train's keep_best), for an ensemble at meta-test
 LEGACY_CHECKPOINT = "checkpoint.pt"  # torch.save format of metagrad <= 0.1.0, read with weights_only=True
 CHECKPOINT_KEYS = ("iteration", "algorithm", "identity", "optimizer", "generator", "window", "spec", "seed",
                    "meta_batch", "outer_lr", "seconds", "paths")
@@ -286,6 +287,42 @@ class Run:
         if legacy.is_file():  # a resumed old run: the new file supersedes it
             legacy.unlink()
         return path
+
+    def keep_best(self, state: dict[str, Any], score: float, keep: int, higher: bool = True) -> bool:
+        """Keep `state` in `best/` if its validation `score` is among the `keep` best so far (higher or lower is
+        better; the earlier iteration first on a tie); returns whether it was kept. `best/index.json` ranks them."""
+        folder = self.dir / BEST
+        folder.mkdir(exist_ok=True)
+        entries = [e for e in self.best() if e["iteration"] != state["iteration"]]
+        new = {"iteration": int(state["iteration"]), "score": float(score), "file": f"iteration-{state['iteration']}"
+                                                                                   ".safetensors"}
+        ranked = sorted(entries + [new], key=lambda e: ((-e["score"] if higher else e["score"]), e["iteration"]))
+        kept, dropped = ranked[:keep], ranked[keep:]
+        if new in kept:
+            save_checkpoint(folder / new["file"], state)
+        atomic_write_json(folder / "index.json", kept)  # the index names only files already written
+        for e in dropped:
+            (folder / e["file"]).unlink(missing_ok=True)
+        return new in kept
+
+    def best(self) -> list[dict[str, Any]]:
+        """The kept best checkpoints, best first: `[{"iteration", "score", "file"}]` (files in `best/`)."""
+        index = self.dir / BEST / "index.json"
+        return json.loads(index.read_text()) if index.is_file() else []
+
+    def best_paths(self) -> list[Path]:
+        """The files of the kept best checkpoints, best first."""
+        return [self.dir / BEST / e["file"] for e in self.best()]
+
+    def truncate_best(self, after_iteration: int) -> None:
+        """Forget best checkpoints past `after_iteration` (a resumed run validates those iterations again)."""
+        entries = self.best()
+        kept = [e for e in entries if e["iteration"] <= after_iteration]
+        if len(kept) != len(entries):
+            atomic_write_json(self.dir / BEST / "index.json", kept)
+            for e in entries:
+                if e not in kept:
+                    (self.dir / BEST / e["file"]).unlink(missing_ok=True)
 
     def load_checkpoint(self) -> dict[str, Any] | None:
         """The saved checkpoint (loaded without unpickling anything), or None if there is none."""

@@ -312,6 +312,7 @@ def meta_train(
     lr_schedule: str = "constant",
     min_outer_lr: float = 0.0,
     resume: bool | None = None,
+    keep_best: int = 0,
 ) -> TrainResult:
     """Meta-train `algorithm` on tasks from `tasks` for `iterations` outer steps of `meta_batch` tasks each.
 
@@ -319,6 +320,8 @@ def meta_train(
     checkpoint. `val_tasks` (held-out) are compared every `val_every` iterations with as many fixed
     meta-training tasks: the meta-train vs meta-test gap. `time_budget` (seconds) stops early, cleanly.
     `lr_schedule="cosine"` anneals the outer rate from `outer_lr` to `min_outer_lr` over `iterations`.
+    `keep_best=k` keeps the k checkpoints with the best validation metric in `run`'s `best/` folder (MAML++'s
+    ensemble at meta-test: `evaluation.evaluate_ensemble`).
 
     In a torchrun job every rank calls this with the same arguments: every rank draws the same global
     meta-batch from `seed` and computes its shard of it (`metagrad.distributed`); only rank 0 writes to
@@ -330,6 +333,11 @@ def meta_train(
             raise ValueError(f"{name} must be a {'non-negative' if name == 'iterations' else 'positive'} "
                              f"integer, got {value!r}")
     check_lr_schedule(outer_lr, lr_schedule, min_outer_lr)
+    if isinstance(keep_best, bool) or int(keep_best) != keep_best or keep_best < 0:
+        raise ValueError(f"keep_best must be a non-negative integer, got {keep_best!r}")
+    if keep_best and not (val_tasks is not None and val_every > 0 and run is not None):
+        raise ValueError("keep_best ranks checkpoints by validation: it needs val_tasks, val_every > 0 and a run "
+                         "folder to keep them in")
     writer = distributed.is_writer()
     writes = run if writer else None
     device = torch.device(device)
@@ -347,17 +355,20 @@ def meta_train(
         start, seconds_before = int(state["iteration"]), float(state.get("seconds", 0.0))
         if writes is not None:
             writes.truncate_metrics(start)
+            writes.truncate_best(start)
     validate = val_tasks is not None and val_every > 0 and writer
     if validate:
         # Fixed sets from their own generators: validation never moves the training generator.
         fixed_val = val_tasks.sample(val_n_tasks, torch.Generator().manual_seed(seed + 1))
         fixed_train = tasks.sample(val_n_tasks, torch.Generator().manual_seed(seed + 2))
 
+    def state_at(iteration: int) -> dict[str, Any]:
+        return _checkpoint_state(algorithm, optimizer, gen, iteration, window, seconds_before + time.perf_counter()
+                                 - t0, spec=spec, seed=seed, meta_batch=meta_batch, outer_lr=outer_lr)
+
     def checkpoint(iteration: int) -> None:
         if writes is not None:
-            writes.save_checkpoint(_checkpoint_state(
-                algorithm, optimizer, gen, iteration, window, seconds_before + time.perf_counter() - t0,
-                spec=spec, seed=seed, meta_batch=meta_batch, outer_lr=outer_lr))
+            writes.save_checkpoint(state_at(iteration))
 
     t0 = time.perf_counter()
     last: dict[str, float] = {}
@@ -382,6 +393,8 @@ def meta_train(
                 on_val = evaluate(algorithm, fixed_val)
                 line = {**line, f"meta_train_{on_val.metric}": on_train.mean, f"meta_test_{on_val.metric}": on_val.mean,
                         "gap": on_val.mean - on_train.mean, "meta_test_ci95": on_val.ci95}
+                if keep_best and writes is not None:
+                    writes.keep_best(state_at(step), on_val.mean, keep_best, higher=on_val.metric == "accuracy")
             if line and writes is not None:
                 writes.log(step, line)
             bar.update(1)

@@ -17,9 +17,11 @@ characters, mean accuracy, 95% CI and the adaptation curve.
 steps at meta-train and meta-test, learned per-layer per-step inner rates starting at 0.1, the
 multi-step loss for the first 10 (5-way) or 20 (20-way) epochs of 500 iterations, second order from
 the start, Adam 1e-3 cosine-annealed to 1e-5 over 100 (5-way, meta-batch 8) or 250 (20-way,
-meta-batch 16) epochs, one query drawing per class. Not implemented: MAML++'s per-step batch-norm
-weights and running statistics (batch statistics are used at every step, as in MAML), and its
-ensemble of the five best validation checkpoints at test time (one model is tested here).
+meta-batch 16) epochs, one query drawing per class; per-step batch-norm weights, biases and running
+statistics (`per_step_bn`, `running_stats`: set k for params after k inner updates, learned in the
+outer loop only; each batch's own statistics normalise at meta-test as in the MAML++ code unless
+`bn_statistics="running"`), and the ensemble of the five best validation checkpoints at test time
+(`ensemble`: mean of their class probabilities), reported beside the last model.
 
     tasks = Omniglot(ways, shots, split="train"); test = Omniglot(..., split="test")
     algorithm = build(spec)                                  # Conv4 + MAML (or another algorithm)
@@ -33,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from metagrad.evaluation import EvalResult, evaluate
+from metagrad.evaluation import EvalResult, evaluate, evaluate_ensemble
 from metagrad.experiments import experiment
 from metagrad.runs import Run
 from metagrad.tasks.omniglot import Omniglot
@@ -71,6 +73,10 @@ class OmniglotConfig:
     min_outer_lr: float = 0.0
     multi_step_loss_iters: int | None = None  # maml/maml++ only; None: the algorithm's default
     order_anneal_iters: int | None = None     # maml/maml++ only; None: the algorithm's default
+    per_step_bn: bool = False       # MAML++: batch-norm weights and biases per inner step (outer loop only)
+    running_stats: bool = False     # MAML++: per-step running statistics (the loop path: no vmap, no parallel)
+    bn_statistics: str = "batch"    # meta-test normalisation: batch (each task's own, as MAML) | running
+    ensemble: int = 0               # MAML++: test the ensemble of this many best validation checkpoints too
     eval_tasks: int = 600
     curve_steps: int = 10           # the adaptation curve is measured over 0..max(curve_steps, eval_steps) steps
     val_every: int = 1000           # 0: no validation during training
@@ -117,6 +123,9 @@ class OmniglotMAMLPlusPlusConfig(OmniglotConfig):
     order_anneal_iters: int | None = 0        # first_order_to_second_order_epoch = -1: second order throughout
     lr_schedule: str = "cosine"
     min_outer_lr: float = 1e-5
+    per_step_bn: bool = True
+    running_stats: bool = True
+    ensemble: int = 5
 
 
 @dataclass
@@ -142,8 +151,10 @@ def spec(cfg: OmniglotConfig) -> dict:
     for key in ("multi_step_loss_iters", "order_anneal_iters"):
         if getattr(cfg, key) is not None:
             args[key] = getattr(cfg, key)
-    return {"algorithm": cfg.algorithm, "algorithm_args": args, "model": "conv4",
-            "model_args": {"ways": cfg.ways, "hidden": cfg.hidden, "pool": cfg.pool},
+    model_args = {"ways": cfg.ways, "hidden": cfg.hidden, "pool": cfg.pool}
+    if cfg.per_step_bn:  # one set per number of inner updates, 0..inner_steps (more at meta-test reuse the last)
+        model_args.update(per_step_bn=cfg.inner_steps + 1, running_stats=cfg.running_stats)
+    return {"algorithm": cfg.algorithm, "algorithm_args": args, "model": "conv4", "model_args": model_args,
             "tasks": "omniglot", "task_args": task_args(cfg)}
 
 
@@ -168,8 +179,36 @@ def plot_curve(run: Run, result: EvalResult, cfg: OmniglotConfig) -> None:
     run.save_figure(fig, "adaptation_curve")
 
 
+def check(cfg: OmniglotConfig) -> None:
+    """Clear errors for settings that do not go together."""
+    if cfg.bn_statistics not in ("batch", "running"):
+        raise ValueError(f"bn_statistics must be 'batch' or 'running', got {cfg.bn_statistics!r}")
+    if cfg.running_stats and not cfg.per_step_bn:
+        raise ValueError("running_stats keeps per-step running statistics: it needs per_step_bn=true")
+    if cfg.bn_statistics == "running" and not cfg.running_stats:
+        raise ValueError("bn_statistics='running' normalises with the running statistics: it needs running_stats=true")
+    if cfg.ensemble and not (cfg.val_every > 0 and cfg.val_characters > 0):
+        raise ValueError("ensemble ranks checkpoints by validation accuracy: it needs val_every > 0 and "
+                         "val_characters > 0")
+
+
+def ensemble_members(run: Run, device: str) -> list:
+    """The algorithms of the run's kept best validation checkpoints, best first."""
+    from metagrad.runs import read_checkpoint
+    from metagrad.train import load_checkpoint
+
+    members = []
+    for path in run.best_paths():
+        state = read_checkpoint(path)
+        algorithm, _ = build(state["spec"], seed=int(state.get("seed", 0)))
+        load_checkpoint(algorithm, state)
+        members.append(algorithm.to(device))
+    return members
+
+
 def run_omniglot(cfg: OmniglotConfig, run: Run) -> dict:
     """Meta-train on the training characters, evaluate on 600 episodes of the test characters."""
+    check(cfg)
     s = spec(cfg)
     algorithm, tasks = build(s, seed=cfg.seed)
     val = Omniglot(split="val", **task_args(cfg)) if cfg.val_every > 0 and cfg.val_characters > 0 else None
@@ -178,8 +217,10 @@ def run_omniglot(cfg: OmniglotConfig, run: Run) -> dict:
         val_tasks=val, val_every=cfg.val_every, val_n_tasks=cfg.val_tasks, log_every=cfg.log_every,
         checkpoint_every=cfg.checkpoint_every, time_budget=cfg.budget_minutes * 60 or None,
         device=cfg.device, spec=s, desc=f"{cfg.algorithm} omniglot {cfg.ways}w{cfg.shots}s",
-        lr_schedule=cfg.lr_schedule, min_outer_lr=cfg.min_outer_lr,
+        lr_schedule=cfg.lr_schedule, min_outer_lr=cfg.min_outer_lr, keep_best=cfg.ensemble,
     )
+    if cfg.bn_statistics == "running":
+        algorithm.eval()  # per-step batch norm normalises with its running statistics
     # Test episodes from a generator no training stage uses (training: seed, seed+1, seed+2).
     result = evaluate(algorithm, test_tasks(cfg), cfg.eval_tasks, max(cfg.curve_steps, cfg.eval_steps),
                       torch.Generator().manual_seed(cfg.seed + 10_000), progress=True)  # minutes on a CPU
@@ -196,9 +237,20 @@ def run_omniglot(cfg: OmniglotConfig, run: Run) -> dict:
     note = "" if trained.iteration >= full else (
         f"Trained {trained.iteration} of the published run's {full:,} iterations ({trained.stopped}); the "
         "published number is for full training.")
+    table, out = [row], {}
+    if cfg.ensemble:
+        members = ensemble_members(run, cfg.device)
+        for m in members:
+            m.train(cfg.bn_statistics != "running")
+        # The same test episodes as the single model (the same generator seed).
+        ens = evaluate_ensemble(members, test_tasks(cfg), cfg.eval_tasks,
+                                torch.Generator().manual_seed(cfg.seed + 10_000))
+        table.append({**row, "algorithm": f"{cfg.algorithm}, ensemble of {len(members)} best validation checkpoints",
+                      "test accuracy % (ours, 95% CI)": f"{100 * ens.mean:.2f} ± {100 * ens.ci95:.2f}"})
+        out = {"ensemble": {**ens.as_dict(), "iterations": [e["iteration"] for e in run.best()]}}
     return {"accuracy": acc, "ci95": ci, "iterations": trained.iteration, "stopped": trained.stopped,
-            "train_seconds": trained.seconds, "evaluation": result.as_dict(), "spec": s, "table": [row],
-            "note": note}
+            "train_seconds": trained.seconds, "evaluation": result.as_dict(), "spec": s, "table": table,
+            "note": note, **out}
 
 
 experiment("omniglot-5w1s", "Omniglot 5-way 1-shot (MAML table 1: 98.7%); --set algorithm=...",
