@@ -12,6 +12,10 @@ Models (synthetic data, so nothing to download):
                    Omniglot examples), 5-way 1-shot, 15 query per class, 28x28 images.
 - omniglot-stride: Conv4 with stride-2 convolutions (the MAML paper's Omniglot net), same tasks.
 
+The floor: in the same run, alternating with the others, one forward and backward pass of the same network
+over the same images (each task's support and query images as one batch, as ../shared/notes/compute_floor.py):
+the work no meta-learner can avoid. `x floor` is each row's median over the floor's.
+
 Timing: implementations alternate within each repeat; the median is printed. Peers run with
 all the process's threads (torch's default); `parallel` paths run one process per core, one
 thread each: the sharded meta-gradient of a torchrun job (`metagrad.distributed`) on forked
@@ -36,6 +40,7 @@ import gc
 import importlib.abc
 import importlib.util
 import io
+import json
 import os
 import statistics
 import sys
@@ -187,6 +192,19 @@ def torchfunc_loop_step(model: nn.Module, loss_fn: Callable, inner_lr: float, st
 
 PEER_STEPS = {"learn2learn": learn2learn_step, "higher": higher_step, "torchopt": torchopt_step,
               "torchfunc-loop": torchfunc_loop_step}
+FLOOR = "floor: forward+backward"
+
+
+def floor_step(model: nn.Module, loss_fn: Callable) -> Step:
+    """One forward and backward pass over every image of the meta-batch, each task's support and query
+    images `[shots + query_shots, ...]` as one batch: the compute no meta-learner can avoid."""
+    def step(batch: TaskBatch) -> None:
+        for i in range(len(batch)):
+            x = torch.cat([batch.support_x[i], batch.query_x[i]])
+            y = torch.cat([batch.support_y[i], batch.query_y[i]])
+            (loss_fn(model(x), y) / len(batch)).backward()
+
+    return step
 
 
 def ours_step(model: nn.Module, loss_fn: Callable, inner_lr: float, steps: int, order: int, path: str) -> Step:
@@ -211,8 +229,10 @@ def settle(step: Step, batch: TaskBatch) -> str | None:
     return alg._path_for(batch)
 
 
-def our_paths(model_name: str, order: int) -> list[str]:
+def our_paths(model_name: str, order: int, device: torch.device | None = None) -> list[str]:
     """The paths worth timing for this model: auto, and the options of core.choose_path."""
+    if device is not None and device.type == "cuda":  # forked CPU workers ('parallel') have no place on one GPU
+        return ["auto", "loop", "vmap"]
     if model_name == "sinusoid":
         return ["auto", "loop"]
     # auto times loop and vmap on this batch and keeps the faster (settle() lets it choose before timing);
@@ -224,6 +244,11 @@ def our_paths(model_name: str, order: int) -> list[str]:
 # -- measuring ------------------------------------------------------------------------------------
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def grads_of(model: nn.Module, step: Step, batch: TaskBatch) -> Tensor:
@@ -245,7 +270,17 @@ def _status(pid: int, key: str) -> int:
 
 
 def peak_memory(step: Step, batch: TaskBatch, model: nn.Module) -> float | None:
-    """Peak resident bytes added by one meta-iteration, over this process and its parallel workers (Linux)."""
+    """Peak resident bytes added by one meta-iteration, over this process and its parallel workers (Linux); on
+    CUDA the peak of allocated device memory above what was allocated before."""
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        model.zero_grad(set_to_none=True)
+        sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step(batch)
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - before
     if not os.path.exists("/proc/self/clear_refs"):
         return None
     model.zero_grad(set_to_none=True)
@@ -268,13 +303,17 @@ def run(model_name: str, order: int, args: argparse.Namespace) -> list[dict]:
     impls: dict[str, Callable[[nn.Module, Callable, float], Step]] = {}
     for peer in args.peers:
         impls[peer] = lambda m, lf, lr, peer=peer: PEER_STEPS[peer](m, lf, lr, args.inner_steps, order)
-    for path in args.paths or our_paths(model_name, order):
+    device = torch.device(args.device)
+    for path in args.paths or our_paths(model_name, order, device):
         impls[f"metagrad {path}"] = lambda m, lf, lr, path=path: ours_step(m, lf, lr, args.inner_steps, order, path)
 
+    def on_device(model: nn.Module, batch: TaskBatch, *rest: object) -> tuple:
+        return (model.to(device), batch.to(device), *rest)
+
     # Gradients: float64, against the plain torch.func loop; float32 (and bf16) against float64 too.
-    model64, batch64, loss_fn, inner_lr = problem(model_name, args.check_tasks, torch.float64)
+    model64, batch64, loss_fn, inner_lr = on_device(*problem(model_name, args.check_tasks, torch.float64))
     reference = grads_of(model64, torchfunc_loop_step(model64, loss_fn, inner_lr, args.inner_steps, order), batch64)
-    model32, batch32, _, _ = problem(model_name, args.check_tasks, torch.float32)
+    model32, batch32, _, _ = on_device(*problem(model_name, args.check_tasks, torch.float32))
     errs = {}
     for name, make in impls.items():
         log(f"{model_name} order {order}: gradient check of {name}")
@@ -283,8 +322,10 @@ def run(model_name: str, order: int, args: argparse.Namespace) -> list[dict]:
         errs[name] = (e64, e32)
         distributed.shutdown()
 
-    model, batch, _, _ = problem(model_name, args.meta_batch, torch.float32)
+    model, batch, _, _ = on_device(*problem(model_name, args.meta_batch, torch.float32))
     steps = {name: make(model, loss_fn, inner_lr) for name, make in impls.items()}
+    steps[FLOOR] = floor_step(model, loss_fn)
+    errs[FLOOR] = (None, None)
     for name in list(steps):
         chosen = settle(steps[name], batch)
         if name == "metagrad auto" and chosen:
@@ -295,8 +336,10 @@ def run(model_name: str, order: int, args: argparse.Namespace) -> list[dict]:
         log(f"{model_name} order {order}: timing round {r} of {args.repeats}")
         for name, step in steps.items():
             model.zero_grad(set_to_none=True)
+            sync(device)
             t = time.perf_counter()
             step(batch)
+            sync(device)
             times[name].append(time.perf_counter() - t)
     memory = {name: peak_memory(step, batch, model) for name, step in steps.items()}
     distributed.shutdown()
@@ -304,27 +347,29 @@ def run(model_name: str, order: int, args: argparse.Namespace) -> list[dict]:
     med = {name: statistics.median(ts[1:]) for name, ts in times.items()}
     peers = [med[p] for p in args.peers]
     fastest_peer = min(peers) if peers else None
+    floor = med[FLOOR]
     rows = []
     for name in steps:
         rows.append(dict(model=model_name, order=order, impl=name, seconds=med[name],
                          spread=(min(times[name][1:]), max(times[name][1:])),
                          memory_mb=None if memory[name] is None else memory[name] / 2**20,
                          speedup=None if fastest_peer is None else fastest_peer / med[name],
-                         err64=errs[name][0], err32=errs[name][1]))
+                         over_floor=med[name] / floor, err64=errs[name][0], err32=errs[name][1]))
     return rows
 
 
 def print_rows(rows: list[dict]) -> None:
     head = f"{'model':16s} {'ord':>3s} {'implementation':24s} {'s/iter':>8s} {'min-max':>13s} {'peak MB':>8s} " \
-           f"{'x fastest peer':>14s} {'grad err f64':>12s} {'grad err f32':>12s}"
+           f"{'x fastest peer':>14s} {'x floor':>7s} {'grad err f64':>12s} {'grad err f32':>12s}"
     print(head)
     print("-" * len(head))
     for r in rows:
         mem = "-" if r["memory_mb"] is None else f"{r['memory_mb']:.0f}"
         speed = "-" if r["speedup"] is None else f"{r['speedup']:.2f}"
+        e64, e32 = ("-" if e is None else f"{e:.1e}" for e in (r["err64"], r["err32"]))
         print(f"{r['model']:16s} {r['order']:>3d} {r['impl']:24s} {r['seconds']:8.3f} "
-              f"{r['spread'][0]:6.2f}-{r['spread'][1]:<6.2f} {mem:>8s} {speed:>14s} "
-              f"{r['err64']:12.1e} {r['err32']:12.1e}")
+              f"{r['spread'][0]:6.2f}-{r['spread'][1]:<6.2f} {mem:>8s} {speed:>14s} {r['over_floor']:7.2f} "
+              f"{e64:>12s} {e32:>12s}")
     sys.stdout.flush()
 
 
@@ -340,7 +385,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--check-tasks", type=int, default=2, help="tasks in the float64 gradient check")
     p.add_argument("--quick", action="store_true", help="8 tasks, 2 repeats: a smoke run")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (peers and paths run there alike)")
+    p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available here (torch {torch.__version__})")
     if args.quick:
         args.meta_batch, args.repeats, args.check_tasks = 8, 2, 2
     models = MODELS if "all" in args.model else tuple(args.model)
@@ -356,6 +405,10 @@ def main(argv: list[str] | None = None) -> None:
     if len(rows) > len(new):
         print("\nall:")
         print_rows(rows)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"torch": torch.__version__, "device": args.device, "threads": torch.get_num_threads(),
+                       "meta_batch": args.meta_batch, "inner_steps": args.inner_steps, "rows": rows}, fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,7 @@ class OmniglotConfig:
     pool: str = "stride"            # stride: the MAML paper's Omniglot net; max: 2x2 max-pooling (MAML++'s)
     lr_schedule: str = "constant"   # constant | cosine (to min_outer_lr over the iterations, MAML++)
     min_outer_lr: float = 0.0
+    lslr: bool | None = None        # maml/maml++ only: learned per-layer per-step inner rates; None: the default
     multi_step_loss_iters: int | None = None  # maml/maml++ only; None: the algorithm's default
     order_anneal_iters: int | None = None     # maml/maml++ only; None: the algorithm's default
     per_step_bn: bool = False       # MAML++: batch-norm weights and biases per inner step (outer loop only)
@@ -148,7 +149,7 @@ def spec(cfg: OmniglotConfig) -> dict:
     args = {"inner_lr": cfg.inner_lr, "inner_steps": cfg.inner_steps, "eval_steps": cfg.eval_steps, "path": cfg.path}
     if cfg.algorithm not in FIRST_ORDER:
         args["order"] = cfg.order
-    for key in ("multi_step_loss_iters", "order_anneal_iters"):
+    for key in ("lslr", "multi_step_loss_iters", "order_anneal_iters"):
         if getattr(cfg, key) is not None:
             args[key] = getattr(cfg, key)
     model_args = {"ways": cfg.ways, "hidden": cfg.hidden, "pool": cfg.pool}
@@ -238,8 +239,10 @@ def run_omniglot(cfg: OmniglotConfig, run: Run) -> dict:
         f"Trained {trained.iteration} of the published run's {full:,} iterations ({trained.stopped}); the "
         "published number is for full training.")
     table, out = [row], {}
-    if cfg.ensemble:
-        members = ensemble_members(run, cfg.device)
+    members = ensemble_members(run, cfg.device) if cfg.ensemble else []
+    if cfg.ensemble and not members:
+        note = (note + " " if note else "") + "No validation point was reached, so no ensemble was tested."
+    if members:
         for m in members:
             m.train(cfg.bn_statistics != "running")
         # The same test episodes as the single model (the same generator seed).

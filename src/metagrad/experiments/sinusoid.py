@@ -126,7 +126,7 @@ def plot_fits(run: Run, trained: dict, cfg: SinusoidConfig, n_tasks: int = 3) ->
         for color, (name, alg) in zip(("C0", "C1", "C2", "C3"), trained.items()):
             for steps, style in ((0, ":"), (1, "--"), (cfg.eval_steps, "-")):
                 with torch.no_grad():
-                    pred = alg.predict(alg.adapt(batch[i], steps), grid[i:i + 1])
+                    pred = alg.predict(alg.adapt(batch[i], steps), grid[i:i + 1], steps)
                 ax.plot(grid[i, :, 0], pred[0, :, 0], style, color=color, lw=1,
                         label=f"{NAMES.get(name, name)}, {steps} steps")
         ax.set(xlabel="x", title=f"A={float(amp[i]):.2f}, phase={float(phase[i]):.2f}")

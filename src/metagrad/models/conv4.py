@@ -41,7 +41,9 @@ class PerStepBatchNorm(nn.Module):
 
     Training mode normalises with the batch's own statistics at every step, as MAML and the MAML++ code do,
     and moves the running statistics of step k toward them (momentum, as torch's BatchNorm); eval mode
-    normalises with the running statistics of step k. Steps beyond the last set use the last set.
+    normalises with the running statistics of step k. Steps beyond the last set use the last set. The
+    statistics are written in place, so training runs on the loop path in one process; under torchrun each
+    rank keeps those of its own shard (rank 0's are saved). Neither changes a training-mode output.
     """
 
     def __init__(self, channels: int, steps: int, eps: float = 1e-5, momentum: float = 0.1,

@@ -1,0 +1,127 @@
+"""MAML++ ablation on Omniglot 20-way 1-shot: each option of the full configuration flipped, the same budget.
+
+The full configuration is `metagrad run omniglot-20w1s-maml++` (the MAML++ code's settings: learned per-layer
+per-step inner rates, the multi-step loss, cosine-annealed outer rate, per-step batch-norm weights and biases,
+per-step running statistics, second order throughout, the ensemble of the 5 best validation checkpoints).
+Each row changes one option and trains for the same wall-time budget (`--minutes`, the same iteration cap):
+
+| row | change |
+|---|---|
+| full | none (its ensemble row comes from the same run: the ensemble needs no training of its own) |
+| -LSLR | one fixed inner rate (`lslr=false`) |
+| -MSL | the last step's query loss only (`multi_step_loss_iters=0`) |
+| +DA | first order for the first third of the iterations (the paper's DA; its code: second order throughout) |
+| -CA | constant outer rate |
+| -BNWB | one batch-norm weight and bias for every step (and so no per-step running statistics) |
+| BNRS at test | the per-step running statistics normalise at meta-test (`bn_statistics=running`) |
+
+    python benchmarks/maml_pp_ablation.py --minutes 60 --out runs/ablation     # 7 runs of an hour each
+    python benchmarks/maml_pp_ablation.py --smoke --out /tmp/ablation            # tiny: checks the driver
+
+Each run is a normal run folder under `--out`; the table (accuracy on 600 test episodes, 95% CI, difference to
+the full configuration, iterations reached) is printed and written to `--out`/ablation.md and ablation.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from metagrad.cli import main as metagrad_main
+from metagrad.experiments import get
+
+EXPERIMENT = "omniglot-20w1s-maml++"
+
+
+def rows(iterations: int) -> dict[str, dict]:
+    """Row name -> the config keys it changes from the full configuration."""
+    return {
+        "full": {},
+        "-LSLR": {"lslr": False},
+        "-MSL": {"multi_step_loss_iters": 0},
+        "+DA": {"order_anneal_iters": iterations // 3},
+        "-CA": {"lr_schedule": "constant"},
+        "-BNWB": {"per_step_bn": False, "running_stats": False},
+        "BNRS at test": {"bn_statistics": "running"},
+    }
+
+
+SMOKE = {"iterations": 4, "meta_batch": 2, "hidden": 8, "inner_steps": 2, "eval_steps": 2, "val_every": 2,
+         "val_tasks": 4, "eval_tasks": 6, "ensemble": 2, "multi_step_loss_iters": 2, "curve_steps": 2,
+         "log_every": 2, "checkpoint_every": 2}
+
+
+def run_row(name: str, changes: dict, base: dict, out: Path) -> dict:
+    """One run of the experiment with `base` and `changes` set; its results.json."""
+    folder = out / name.replace(" ", "_").replace("+", "plus_").replace("-", "minus_")
+    argv = ["run", EXPERIMENT, "--out", str(folder), "--overwrite"]
+    for k, v in {**base, **changes}.items():
+        argv += ["--set", f"{k}={json.dumps(v) if isinstance(v, bool) else v}"]
+    print(f"[{name}] metagrad {' '.join(argv)}", file=sys.stderr, flush=True)
+    if metagrad_main(argv) != 0:
+        raise SystemExit(f"row {name!r} failed")
+    return json.loads((folder / "results.json").read_text())
+
+
+def table(results: dict[str, dict]) -> list[dict]:
+    """One line per row (and the full run's ensemble), with the difference to the full configuration."""
+    full = results["full"]["accuracy"]
+    lines = []
+    for name, r in results.items():
+        lines.append({"row": name, "accuracy %": 100 * r["accuracy"], "ci95 %": 100 * r["ci95"],
+                      "vs full (points)": 100 * (r["accuracy"] - full), "iterations": r["iterations"],
+                      "train minutes": r["train_seconds"] / 60})
+        if name == "full" and "ensemble" in r:
+            e = r["ensemble"]
+            lines.append({"row": f"full, ensemble of {len(e['iterations'])}", "accuracy %": 100 * e["mean"],
+                          "ci95 %": 100 * e["ci95"], "vs full (points)": 100 * (e["mean"] - full),
+                          "iterations": r["iterations"], "train minutes": r["train_seconds"] / 60})
+    return lines
+
+
+def markdown(lines: list[dict]) -> str:
+    """The table in markdown."""
+    out = ["| row | accuracy % (95% CI) | vs full (points) | iterations | train minutes |", "|---|---|---|---|---|"]
+    out += [f"| {x['row']} | {x['accuracy %']:.2f} ± {x['ci95 %']:.2f} | {x['vs full (points)']:+.2f} | "
+            f"{x['iterations']} | {x['train minutes']:.1f} |" for x in lines]
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run every row with the same budget, print and write the table."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="runs/maml-pp-ablation")
+    p.add_argument("--minutes", type=float, default=60.0, help="meta-training budget of every run, in minutes")
+    p.add_argument("--rows", nargs="*", help="only these rows (default: all; 'full' is always run)")
+    p.add_argument("--data", help="folder holding omniglot/ (default: $METAGRAD_DATA)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--path", default="loop", help="execution path of every run (per-step running statistics "
+                                                  "need loop; the -BNWB row could also take parallel)")
+    p.add_argument("--smoke", action="store_true", help="a few iterations on a tiny net: checks the driver only")
+    args = p.parse_args(argv)
+    cfg = get(EXPERIMENT).make_config()
+    base = {**(SMOKE if args.smoke else {}), "budget_minutes": args.minutes, "device": args.device,
+            "path": args.path}
+    if args.data:
+        base["data"] = args.data
+    grid = rows(base.get("iterations", cfg.iterations))
+    chosen = ["full"] + [r for r in (args.rows or grid) if r != "full"]
+    unknown = sorted(set(chosen) - set(grid))
+    if unknown:
+        p.error(f"unknown rows {unknown}; known: {list(grid)}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {name: run_row(name, grid[name], base, out) for name in chosen}
+    lines = table(results)
+    text = (f"MAML++ ablation, {EXPERIMENT}, {args.minutes:g} minutes per run"
+            + (" (SMOKE: tiny net, a few iterations; numbers meaningless)" if args.smoke else "") + "\n\n"
+            + markdown(lines))
+    print(text)
+    (out / "ablation.md").write_text(text + "\n")
+    (out / "ablation.json").write_text(json.dumps({"base": base, "rows": lines}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
