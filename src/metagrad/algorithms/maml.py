@@ -7,7 +7,10 @@
 
 MAML++ options: `lslr` learns one inner rate per layer and step; `multi_step_loss_iters` > 0 adds
 the query loss after every inner step with weights annealed toward the last step over that many
-iterations; `order_anneal_iters` > 0 uses first order for that many iterations, then `order`.
+iterations; `order_anneal_iters` > 0 uses first order for that many iterations, then `order`. Per-step
+batch norm (BNWB, BNRS) belongs to the model, `Conv4(per_step_bn=inner_steps + 1, running_stats=True)`: the
+adapter hands it the step index, and its sets are learned in the outer loop only (`model.meta_only`). The
+ensemble of the best validation checkpoints: `meta_train(keep_best=5)`, `evaluation.evaluate_ensemble`.
 """
 
 from __future__ import annotations
