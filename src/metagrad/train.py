@@ -335,9 +335,9 @@ def meta_train(
     check_lr_schedule(outer_lr, lr_schedule, min_outer_lr)
     if isinstance(keep_best, bool) or int(keep_best) != keep_best or keep_best < 0:
         raise ValueError(f"keep_best must be a non-negative integer, got {keep_best!r}")
-    if keep_best and not (val_tasks is not None and val_every > 0 and run is not None):
+    if keep_best and not (val_tasks is not None and val_every > 0 and (run is not None or not distributed.is_writer())):
         raise ValueError("keep_best ranks checkpoints by validation: it needs val_tasks, val_every > 0 and a run "
-                         "folder to keep them in")
+                         "folder to keep them in (on rank 0)")
     writer = distributed.is_writer()
     writes = run if writer else None
     device = torch.device(device)
