@@ -1,8 +1,8 @@
 """The GPU run: the speed table (vmap vs loop vs the peers) and Omniglot 5-way 1-shot at the MAML paper's
 60,000 iterations, on one CUDA device, each table written to `--out`.
 
-    python benchmarks/gpu.py --out runs/gpu --data /path/to/data    # a CUDA build of torch 2.13, Omniglot zips
-    python benchmarks/gpu.py --dry-run --out /tmp/gpu-dry            # the same steps on CPU, tiny: checks the script
+    PYTHONPATH=src python benchmarks/gpu.py --out runs/gpu --data DIR   # CUDA torch 2.13; DIR holds omniglot/
+    PYTHONPATH=src python benchmarks/gpu.py --dry-run --out /tmp/gpu-dry --data DIR   # on CPU, tiny: checks it
 
 1. `speed.py --device cuda`: one meta-iteration (meta-batch 32, 1 inner step, order 2 and 1) of the Omniglot
    Conv4 (max-pool and stride-2) and the sinusoid MLP: metagrad `loop`, `vmap` and `auto` against the peers
