@@ -11,7 +11,9 @@ forward and backward:
     order 2:  k (9 F - 5 f1) + Q        plus the backward through each step's forward and backward
                                         (2 F - f1, and 4 F - 3 f1 for the backward's two products per layer)
 
-so the ratio goes from about 2 (k = 1) toward 3 (k large).
+so the ratio goes from about 2 (k = 1) toward 3 (k large). Measured here (torch 2.13): exact for the MLPs; for
+the Conv4 (Omniglot) order 1 is exact and order 2 counts about 5% more than this (about one extra convolution
+of the second layer's size per inner step in PyTorch's double backward), so the claim reports measured/analytic.
 
     for each strategy and k in inner_steps, on `clients` training clients:
         bytes   Flower's serialized train instruction (down) and reply (up) (federated_common.wire_bytes)
@@ -167,8 +169,8 @@ def run_cost(cfg: CostConfig, run: Run) -> dict:
             "bytes_up_equal": o2["up"] == o1["up"], "bytes_up": o2["up"][0],
             "model_bytes": o2["parameter_bytes"],
             "flops_ratio": ratio, "analytic_flops_ratio": expected,
-            "flops_match_analytic": all(abs(m / a - 1) < 0.02 for o in (o1, o2)
-                                        for m, a in zip(o["flops"], o["analytic_flops"])),
+            "order1_flops_over_analytic": statistics.mean(o1["flops"]) / statistics.mean(o1["analytic_flops"]),
+            "order2_flops_over_analytic": statistics.mean(o2["flops"]) / statistics.mean(o2["analytic_flops"]),
             "seconds_ratio": statistics.mean(o2["seconds"]) / statistics.mean(o1["seconds"]),
             "memory_ratio": statistics.mean(o2["peak_bytes"]) / statistics.mean(o1["peak_bytes"]),
         }
