@@ -209,14 +209,16 @@ def plot(run: Run, results: dict, alone: dict, metric: str, targets: list[float]
         ci = torch.tensor([mean_ci95(torch.tensor(s))[1] for s in r["scores"]])
         for ax, x in ((axes[0], torch.tensor(r["rounds"], dtype=torch.float64)),
                       (axes[1], torch.tensor(r["rounds"], dtype=torch.float64) * r["bytes_per_round"] / 1e6)):
-            (line,) = ax.plot(x, mean, label=name, lw=1.2)
+            same = cfg.reptile_lr == 1.0 and name == "fedreptile"  # then FedAvg+FT exactly: drawn over it
+            label = name + (" (= fedavg+ft)" if same else "")
+            (line,) = ax.plot(x, mean, label=label, lw=1.2, ls="--" if same else "-")
             ax.fill_between(x, mean - ci, mean + ci, color=line.get_color(), alpha=0.12)
     for ax in axes:
         for i, (name, s) in enumerate(alone.items()):
             ax.axhline(sum(s) / len(s), color="k", ls=[":", "--"][i % 2], lw=1, label=name)
         for t in targets:
             ax.axhline(t, color="r", lw=0.6, alpha=0.5)
-        ax.set(ylabel=f"new clients' {metric} after k={cfg.eval_steps} steps")
+        ax.set(ylabel=f"new clients' {metric} after k={cfg.eval_steps} steps (FedAvg: 0)")
         if metric == "loss":
             ax.set_yscale("log")
     axes[0].set(xlabel="rounds", title=f"{cfg.family}: {len(next(iter(results.values()))['scores'][0])} new clients")
