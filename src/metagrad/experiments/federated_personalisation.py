@@ -139,7 +139,8 @@ def run_personalisation(cfg: PersonalisationConfig, run: Run) -> dict:
     higher = fedn.metric == "accuracy"
     baseline = "fedavg+ft" if "fedavg+ft" in results else next(iter(results))
     final = sum(results[baseline]["scores"][-1]) / len(results[baseline]["scores"][-1])
-    targets = list(cfg.targets) or [final * f if higher else final / f for f in FRACTIONS]
+    # float(): an empty tuple default gives the command line's values as strings
+    targets = [float(t) for t in cfg.targets] or [final * f if higher else final / f for f in FRACTIONS]
     rows = []
     for name, r in results.items():
         half = r["rounds"].index(min(r["rounds"], key=lambda x: abs(x - cfg.rounds // 2)))
