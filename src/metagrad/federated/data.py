@@ -4,6 +4,8 @@
     synthetic_clients    LEAF's synthetic(alpha, beta) (Li et al. 2020, FedProx, Section 5.1), written out
     dirichlet_split      a non-IID split of labelled data over clients by per-class Dirichlet proportions
     digits_clients       scikit-learn's bundled digits, split by `dirichlet_split` (needs scikit-learn)
+    medicine_clients     hospitals of the personalised-medicine family (a linear mixed-effects model one level up)
+    omniglot_clients     Omniglot alphabets (background: training clients, evaluation: new clients), episodic
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -199,3 +202,58 @@ def digits_clients(n_clients: int = 10, concentration: float = 0.5, support_frac
     y = torch.as_tensor(digits.target, dtype=torch.long)
     parts = dirichlet_split(y, n_clients, concentration, g)
     return {f"client-{k}": split_client(x[idx], y[idx], support_fraction, g) for k, idx in enumerate(parts)}
+
+
+def medicine_clients(n_hospitals: int = 20, patients: int = 5, measurements: int = 4, hospital_sd: float = 0.5,
+                     support_fraction: float = 0.5, generator: torch.Generator | None = None,
+                     **family: Any) -> dict[str, TaskBatch]:
+    """Hospitals `hospital-<h>` as clients: the personalised-medicine task family (a linear mixed-effects model)
+    one level up. Hospital h's coefficients are the population's plus N(0, hospital_sd^2) per coefficient; its
+    `patients` patients scatter around them by the family's `patient_sd`, each with `measurements` noisy
+    measurements; the hospital's pooled measurements `[patients * measurements, covariates] -> [.., 1]` are
+    split into support and query. `family`: PersonalisedMedicine's own fields (population_coef, noise_sd, ...)."""
+    from metagrad.tasks.personalised_medicine import PersonalisedMedicine
+
+    _positive(n_hospitals=n_hospitals, patients=patients, measurements=measurements)
+    if not hospital_sd >= 0:
+        raise ValueError(f"hospital_sd must be non-negative, got {hospital_sd!r}")
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    med = PersonalisedMedicine(**family)
+    hospitals = PersonalisedMedicine(**{**family, "patient_sd": hospital_sd})
+    out = {}
+    for h, (coef, intercept) in enumerate(zip(*hospitals.sample_params(n_hospitals, g))):
+        around = PersonalisedMedicine(**{**family, "population_coef": tuple(coef.tolist()),
+                                         "population_intercept": float(intercept)})
+        x, y = med.measurements(*around.sample_params(patients, g), measurements, g)  # [patients, measurements, ..]
+        out[f"hospital-{h}"] = split_client(x.reshape(-1, med.covariates), y.reshape(-1, 1), support_fraction, g)
+    return out
+
+
+def omniglot_clients(split: str = "background", ways: int = 5, shots: int = 1, query_shots: int = 1,
+                     rotations: bool = False, root: str | None = None) -> dict[str, Any]:
+    """Omniglot alphabets as clients (Lake et al. 2015): `split="background"` gives the 30 background alphabets
+    (for training), `"evaluation"` the 20 evaluation alphabets (new clients). Each client is an `Omniglot` task
+    family restricted to its alphabet's characters: `client.sample(1, generator)` is a `ways`-way `shots`-shot
+    episode of that alphabet (the client's local data for one round). Reads the data where `metagrad.tasks.
+    omniglot` looks (`root`, `$METAGRAD_DATA`, ...); no download."""
+    import copy
+
+    from metagrad.tasks.omniglot import Omniglot, load
+
+    if split not in ("background", "evaluation"):
+        raise ValueError(f"split must be 'background' or 'evaluation', got {split!r}")
+    whole = Omniglot(ways, shots, query_shots, split="train" if split == "background" else "test", protocol="lake",
+                     rotations=rotations, root=root, val_characters=0)
+    names = load(root)["alphabets"]
+    alphabets: dict[str, list[int]] = {}
+    for row, c in enumerate(whole.characters.tolist()):
+        alphabets.setdefault(names[c], []).append(row)
+    out = {}
+    for name, rows in alphabets.items():
+        client = copy.copy(whole)  # shares the decoded images; only the character set differs
+        client.characters, client.images = whole.characters[rows], whole.images[rows]
+        client.n_classes = len(rows) * (4 if rotations else 1)
+        if ways > client.n_classes:
+            raise ValueError(f"ways={ways} exceeds the {client.n_classes} classes of alphabet {name!r}")
+        out[name] = client
+    return out
