@@ -614,3 +614,103 @@ def test_a_step_that_would_overflow_is_rolled_back_with_the_optimizer_state():
     close(server.weights(), before, rel=0)
     after = server.optimizer.state_dict()["state"]
     assert all(torch.equal(after[k]["momentum_buffer"], state["state"][k]["momentum_buffer"]) for k in after)
+
+
+# -- drop-outs: MetaStrategy.start on a grid in this process whose nodes can stay silent -------------------------
+class LoopGrid:
+    """Flower's Grid as MetaStrategy.start uses it (`get_node_ids`, `send_and_receive`), its nodes the ClientApp's
+    functions in this process; `silent(round, attempt, partition)` says which nodes never reply (a dropped node)."""
+
+    def __init__(self, cfg, silent):
+        from flwr.app import Context, RecordDict
+        from flwr.supercore.task_identity import TaskIdentity
+
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+        self.contexts = {100 + k: Context(run_id=1, node_id=100 + k, node_config={"partition-id": k},
+                                          state=RecordDict(), run_config=cfg) for k in range(cfg["num-clients"])}
+        self.silent, self.sent, self.attempts = silent, [], {}
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from metagrad.federated import flower as F
+
+        messages = list(messages)
+        kind = messages[0].metadata.message_type if messages else ""
+        rnd = int(messages[0].content["config"]["server-round"]) if messages else 0
+        if kind == "train":
+            self.attempts[rnd] = self.attempts.get(rnd, 0) + 1
+        self.sent.append((kind, rnd, sorted(m.metadata.dst_node_id - 100 for m in messages), timeout))
+        replies = []
+        for m in messages:
+            part = m.metadata.dst_node_id - 100
+            if not self.silent(rnd, self.attempts.get(rnd, 0), part):
+                replies.append((F.train if kind == "train" else F.evaluate)(m, self.contexts[m.metadata.dst_node_id]))
+        return replies
+
+
+def _meta_strategy(cfg, tmp_path):
+    from metagrad.federated import flower as F
+
+    alg, _ = F.build(cfg)
+    server = fed.Server({n: p.detach() for n, p in alg.meta_parameters().items()}, "adam", cfg["server-lr"])
+    return F.MetaStrategy(server, tmp_path / "server.safetensors", round_timeout=7.0, round_retries=cfg["retries"],
+                          log_path=tmp_path / "rounds.jsonl", min_train_nodes=cfg["min-train-nodes"])
+
+
+def _in_process(cfg, clients_per_round):
+    from metagrad.federated import flower as F
+
+    alg, strategy = F.build(cfg)
+    server = fed.Server({n: p.detach() for n, p in alg.meta_parameters().items()}, "adam", cfg["server-lr"])
+    for parts in clients_per_round:
+        fed.run_round(server, strategy, alg, {str(k): F.client_data(cfg, k) for k in parts})
+    return server
+
+
+def test_a_silent_node_leaves_the_round_to_the_others_within_the_timeout(tmp_path):
+    pytest.importorskip("flwr")
+    import json
+
+    cfg = {"num-clients": 3, "server-lr": 0.01, "min-train-nodes": 2, "retries": 0}
+    meta = _meta_strategy(cfg, tmp_path)
+    grid = LoopGrid(cfg, lambda rnd, attempt, part: rnd >= 2 and part == 2)  # node 2 dies in round 2
+    reports = meta.start(grid, 3, wait_for=3)
+    assert [r["accepted"] for r in reports] == [["0", "1", "2"], ["0", "1"], ["0", "1"]]
+    assert [r["attempts"] for r in reports] == [1, 1, 1]
+    assert all(t is not None and t <= 7.0 for *_, t in grid.sent)  # every wait is bounded by the round timeout
+    # the new model is evaluated by the nodes that replied, not by the silent one
+    assert [(k, r, p) for k, r, p, _ in grid.sent if k == "evaluate"] == [("evaluate", 1, [0, 1, 2]),
+                                                                          ("evaluate", 2, [0, 1]),
+                                                                          ("evaluate", 3, [0, 1])]
+    expected = _in_process(cfg, [[0, 1, 2], [0, 1], [0, 1]])
+    close(meta.server.weights(), expected.weights(), rel=1e-6)  # float32 on the wire
+    saved = read_checkpoint(tmp_path / "server.safetensors")
+    assert saved["rounds"] == 3
+    lines = [json.loads(x) for x in (tmp_path / "rounds.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == [1, 2, 3] and lines[1]["accepted"] == ["0", "1"]
+    assert all(x["sampled"] == 3 and "eval_loss" in x for x in lines)
+
+
+def test_a_round_with_too_few_replies_is_retried_and_never_half_applied(tmp_path):
+    pytest.importorskip("flwr")
+    cfg = {"num-clients": 3, "server-lr": 0.01, "min-train-nodes": 3, "retries": 1}
+    # node 1 misses the first attempt at round 2: the retry has everyone and the model is as if nothing happened
+    meta = _meta_strategy(cfg, tmp_path)
+    reports = meta.start(LoopGrid(cfg, lambda rnd, attempt, part: (rnd, attempt, part) == (2, 1, 1)), 3)
+    assert [r["attempts"] for r in reports] == [1, 2, 1]
+    close(meta.server.weights(), _in_process(cfg, [[0, 1, 2]] * 3).weights(), rel=1e-6)
+
+    # node 1 gone for good: round 2 fails twice; the model and checkpoint stay at round 1
+    meta = _meta_strategy(cfg, tmp_path / "gone")
+    (tmp_path / "gone").mkdir()
+    grid = LoopGrid(cfg, lambda rnd, attempt, part: rnd >= 2 and part == 1)
+    with pytest.raises(RuntimeError, match="round 2 failed 2 times.*stay at round 1"):
+        meta.start(grid, 3)
+    assert grid.attempts == {1: 1, 2: 2} and meta.server.rounds == 1
+    one = _in_process(cfg, [[0, 1, 2]])
+    close(meta.server.weights(), one.weights(), rel=1e-6)
+    saved = read_checkpoint(tmp_path / "gone" / "server.safetensors")
+    assert saved["rounds"] == 1
+    close(saved["algorithm"], one.weights(), rel=1e-6)
