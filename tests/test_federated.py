@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
@@ -438,117 +437,100 @@ def test_flower_client_replies_and_meta_strategy_equal_the_pure_round():
     close(F.from_record(arrays, theta), server.weights(), rel=0)
 
 
-# -- Flower deployment engine on loopback: a SuperLink and two SuperNodes as processes ---------------------
-def _free_ports(n: int) -> list[int]:
-    import socket
+# -- Flower deployment engine on loopback: a SuperLink and SuperNodes as processes ------------------------------
+def _deployment(tmp_path, cfg, num_clients):
+    pytest.importorskip("flwr")
+    from pathlib import Path
 
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+    from metagrad.federated import deploy
+    from metagrad.federated import flower as F
 
-
-def _wait_for_port(port: int, proc, seconds: float) -> None:
-    import socket
-    import time
-
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the process on port {port} exited with {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.5)
-    raise TimeoutError(f"nothing listened on 127.0.0.1:{port} after {seconds} s")
+    if not (Path(sys.executable).parent / "flower-superlink").exists():
+        pytest.skip("flower-superlink is not installed beside this Python")
+    return deploy.Loopback(tmp_path / "procs", num_clients), F.write_app(tmp_path / "app", **cfg)
 
 
-def _stop(procs) -> None:
-    """End every process started and its children (each in its own session: its process group)."""
-    import os
-    import signal
-
-    for p in procs:
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
-            p.wait(timeout=15)
-        with contextlib.suppress(ProcessLookupError):  # children left in the group (superexec, clientapp)
-            os.killpg(p.pid, signal.SIGKILL)
+def _replay(cfg, rounds):
+    """The server of an in-process run whose round r took the updates of the clients in rounds[r]."""
+    return _in_process(cfg, [[int(k) for k in accepted] for accepted in rounds])
 
 
 @pytest.mark.slow
-def test_flower_deployment_on_loopback_runs_rounds_and_resumes(tmp_path):
-    pytest.importorskip("flwr")
-    import os
-    from pathlib import Path
+def test_metagrad_federated_loopback_with_tls_runs_rounds_and_resumes(tmp_path, capsys):
+    # `metagrad federated loopback --tls`: self-signed certificates, a SuperLink serving HTTPS, 2 SuperNodes and flwr
+    # verifying it against the CA; a second call restarts everything and the ServerApp resumes from its checkpoint.
+    import json
 
-    from metagrad.federated import flower as F
+    from metagrad.cli import main
 
-    bin_dir = Path(sys.executable).parent
-    if not (bin_dir / "flower-superlink").exists():
-        pytest.skip("flower-superlink is not installed beside this Python")
-    link, node0, node1 = _free_ports(3)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
-                                      f'address = "127.0.0.1:{link}"\ninsecure = true\n')
-    out = tmp_path / "out"
-    cfg = {"strategy": "fedmaml", "num-clients": 2, "server-optimizer": "adam", "server-lr": 0.01,
-           "num-server-rounds": 2, "out": str(out)}
-    app = F.write_app(tmp_path / "app", **cfg)
-    procs = []
-
-    def start(name: str, *args: str, flwr_home: Path) -> subprocess.Popen:
-        log_file = open(tmp_path / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-        p = subprocess.Popen([str(bin_dir / args[0]), *args[1:]], env={**env, "FLWR_HOME": str(flwr_home)},
-                             stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-        procs.append(p)
-        return p
-
-    def flwr_run(*extra: str) -> str:
-        done = subprocess.run([str(bin_dir / "flwr"), "run", str(app), "loopback", "--stream", *extra],
-                              env={**env, "FLWR_HOME": str(home)}, capture_output=True, text=True, timeout=300,
-                              start_new_session=True)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        return done.stdout + done.stderr
-
-    try:
-        sl = start("superlink", "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
-                   "--port", str(link), flwr_home=tmp_path / "sl")
-        _wait_for_port(link, sl, 60)
-        for k, port in enumerate((node0, node1)):
-            start(f"supernode{k}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}", "--port",
-                  str(port), "--node-config", f"partition-id={k}", flwr_home=tmp_path / f"n{k}")
-        first = flwr_run()
-        assert "aggregate_train: Received 2 results and 0 failures" in first
-        after_two = read_checkpoint(out / "server.safetensors")
-        # A restarted server (a new run of the ServerApp) resumes from its checkpoint and does the third round.
-        flwr_run("--run-config", "num-server-rounds=3")
-        after_three = read_checkpoint(out / "server.safetensors")
-    finally:
-        _stop(procs)
-    assert all(p.poll() is not None for p in procs)
-
-    alg, strategy = F.build(cfg)
-    server = fed.Server({n: p.detach() for n, p in alg.meta_parameters().items()}, "adam", 0.01)
-    clients = {str(k): F.client_data(cfg, k) for k in range(2)}
+    _deployment(tmp_path, {}, 2)  # skips without Flower
+    folder, out = tmp_path / "fed", tmp_path / "fed" / "out"
+    cfg = {"strategy": "fedmaml", "num-clients": 2, "server-optimizer": "adam", "server-lr": 0.01}
+    common = ["federated", "loopback", "--tls", "--num-clients", "2", "--folder", str(folder), "--verbose",
+              "--set", "strategy=fedmaml", "--set", "server-lr=0.01", "--set", "round-timeout=120.0"]
+    assert main([*common, "--set", "num-server-rounds=2"]) == 0
+    first = capsys.readouterr().out
+    assert "(TLS)" in first and "aggregate_train: Received 2 results and 0 failures" in first
+    assert "round 2: accepted ['0', '1'], attempts 1" in first
+    after_two = read_checkpoint(out / "server.safetensors")
+    assert main([*common, "--set", "num-server-rounds=3"]) == 0
+    assert "round 3: accepted ['0', '1']" in capsys.readouterr().out
+    assert [json.loads(x)["round"] for x in (out / "rounds.jsonl").read_text().splitlines()] == [1, 2, 3]
+    after_three = read_checkpoint(out / "server.safetensors")
     for rounds, saved in ((2, after_two), (3, after_three)):
-        while server.rounds < rounds:
-            fed.run_round(server, strategy, alg, clients)
         assert saved["rounds"] == rounds
         # float32 on the wire and the replies' order may differ: equal up to rounding
-        close(saved["algorithm"], server.weights(), rel=1e-5)
+        close(saved["algorithm"], _replay(cfg, [["0", "1"]] * rounds).weights(), rel=1e-5)
+
+
+def test_tls_certificates_verify_for_the_loopback_names(tmp_path):
+    pytest.importorskip("cryptography")
+    import ssl
+
+    from metagrad.federated import deploy
+
+    folder = deploy.write_certificates(tmp_path / "certs")
+    context = ssl.create_default_context(cafile=str(folder / "ca.pem"))
+    context.load_cert_chain(folder / "server.pem", folder / "server.key")  # the key matches the certificate
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate((folder / "server.pem").read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    ca = x509.load_pem_x509_certificate((folder / "ca.pem").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    assert oct((folder / "ca.key").stat().st_mode & 0o777) == "0o600"
+
+
+@pytest.mark.slow
+def test_flower_deployment_a_supernode_killed_mid_round_does_not_stall_the_run(tmp_path):
+    import json
+    import time
+
+    out = tmp_path / "out"
+    timeout = 40.0  # an honest round here takes ~10-20 s (a clientapp process per message, loaded machine)
+    cfg = {"strategy": "fedmaml", "num-clients": 3, "server-optimizer": "adam", "server-lr": 0.01,
+           "num-server-rounds": 3, "out": str(out), "min-train-nodes": 2, "round-timeout": timeout}
+    loopback, app = _deployment(tmp_path, cfg, 3)
+    t0 = time.monotonic()
+    with loopback as fed_:
+        run = fed_.popen(app)
+        log = out / "rounds.jsonl"
+        while not (log.is_file() and log.read_text().count("\n") >= 1):  # round 1 done: round 2's messages go out
+            assert run.poll() is None and time.monotonic() - t0 < 300, run.stdout.read()[-3000:]
+            time.sleep(0.1)
+        fed_.kill_node(2)
+        streamed, _ = run.communicate(timeout=3 * 2 * timeout + 120)
+        assert run.returncode == 0, streamed[-3000:]
+    seconds = time.monotonic() - t0
+    rounds = [json.loads(x) for x in log.read_text().splitlines()]
+    assert [r["round"] for r in rounds] == [1, 2, 3] and rounds[0]["accepted"] == ["0", "1", "2"]
+    assert all("2" not in r["accepted"] and len(r["accepted"]) == 2 for r in rounds[1:]), rounds
+    assert seconds < 3 * 2 * timeout + 120, seconds  # not Flower's 3600 s default per round
+    saved = read_checkpoint(out / "server.safetensors")
+    assert saved["rounds"] == 3
+    close(saved["algorithm"], _replay(cfg, [r["accepted"] for r in rounds]).weights(), rel=1e-5)
 
 
 def test_readme_federated_example_runs():
@@ -714,3 +696,25 @@ def test_a_round_with_too_few_replies_is_retried_and_never_half_applied(tmp_path
     saved = read_checkpoint(tmp_path / "gone" / "server.safetensors")
     assert saved["rounds"] == 1
     close(saved["algorithm"], one.weights(), rel=1e-6)
+
+
+def test_metagrad_federated_app_writes_the_run_config_and_refuses_bad_input(tmp_path, capsys):
+    pytest.importorskip("flwr")
+    tomllib = pytest.importorskip("tomllib")
+    from helpers import one_line_error
+
+    from metagrad.cli import main
+
+    assert main(["federated", "app", str(tmp_path / "app"), "--set", "strategy=fedreptile", "--set",
+                 "num-server-rounds=4", "--set", "round-timeout=30.5", "--set", "out=runs/x"]) == 0
+    project = tomllib.loads((tmp_path / "app" / "pyproject.toml").read_text())
+    config = project["tool"]["flwr"]["app"]["config"]
+    assert (config["strategy"], config["num-server-rounds"], config["round-timeout"], config["out"]) == (
+        "fedreptile", 4, 30.5, "runs/x")
+    assert project["tool"]["flwr"]["app"]["components"]["clientapp"] == "metagrad.federated.flower:client_app"
+    assert project["project"]["dependencies"] == []  # nothing to install at run time
+    capsys.readouterr()
+    one_line_error(capsys, ["federated", "app", str(tmp_path / "b"), "--set", "nope=1"], "unknown run config key")
+    one_line_error(capsys, ["federated", "app", str(tmp_path / "b"), "--set", "min-train-nodes=5"],
+                   "min-train-nodes must be in 1..num-clients")
+    one_line_error(capsys, ["federated", "superlink"], "--certificates DIR (TLS) or --insecure")

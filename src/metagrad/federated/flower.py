@@ -43,6 +43,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 from metagrad.algorithms import MAML, MetaSGD, Reptile
 from metagrad.federated import data as fdata
 from metagrad.federated import strategies as S
+from metagrad.federated.deploy import toml_value
 from metagrad.models import MLP
 from metagrad.runs import read_checkpoint, save_checkpoint
 
@@ -309,13 +310,6 @@ def write_app(folder: str | Path, **config: Any) -> Path:
     (`flwr new` would fetch a template from the network). `config` overrides `DEFAULTS` in its run config."""
     c = settings({k.replace("_", "-"): v for k, v in config.items()})
 
-    def toml(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     lines = ["[build-system]", 'requires = ["hatchling"]', 'build-backend = "hatchling.build"', "",
@@ -325,6 +319,6 @@ def write_app(folder: str | Path, **config: Any) -> Path:
              "[tool.flwr.app]", 'publisher = "metagrad"', "", "[tool.flwr.app.components]",
              'serverapp = "metagrad.federated.flower:server_app"',
              'clientapp = "metagrad.federated.flower:client_app"', "", "[tool.flwr.app.config]"]
-    lines += [f"{k} = {toml(v)}" for k, v in c.items()]
+    lines += [f"{k} = {toml_value(v)}" for k, v in c.items()]
     (folder / "pyproject.toml").write_text("\n".join(lines) + "\n")
     return folder
