@@ -39,8 +39,12 @@ def _config(pairs: list[str]) -> dict[str, Any]:
 
 
 def _flower() -> Any:
-    from metagrad.federated import flower
+    from metagrad.cli import CommandError
 
+    try:
+        from metagrad.federated import flower
+    except ImportError as err:
+        raise CommandError(str(err)) from err
     return flower
 
 

@@ -211,9 +211,11 @@ class Loopback:
         return cmd
 
     def popen(self, app: str | Path, run_config: dict[str, Any] | None = None) -> subprocess.Popen:
-        """Start a run and return at once; its stdout (the ServerApp's log, streamed) is a text pipe."""
+        """Start a run and return at once; its streamed log (the ServerApp's) goes to `folder/run.log`."""
+        log = open(self.folder / "run.log", "w")  # noqa: SIM115 - closed in __exit__
+        self.logs.append(log)
         p = subprocess.Popen(self.command(app, run_config), env={**os.environ, "FLWR_HOME": str(self.home)},
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append(p)
         return p
 
