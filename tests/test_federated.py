@@ -471,10 +471,10 @@ def test_metagrad_federated_loopback_with_tls_runs_rounds_and_resumes(tmp_path, 
     assert main([*common, "--set", "num-server-rounds=2"]) == 0
     first = capsys.readouterr().out
     assert "(TLS)" in first and "aggregate_train: Received 2 results and 0 failures" in first
-    assert "round 2: accepted ['0', '1'], attempts 1" in first
+    assert "round 2: accepted ['0', '1'], attempts 1" in first  # printed sorted
     after_two = read_checkpoint(out / "server.safetensors")
     assert main([*common, "--set", "num-server-rounds=3"]) == 0
-    assert "round 3: accepted ['0', '1']" in capsys.readouterr().out
+    assert "round 3: accepted ['0', '1'], attempts 1" in capsys.readouterr().out
     assert [json.loads(x)["round"] for x in (out / "rounds.jsonl").read_text().splitlines()] == [1, 2, 3]
     after_three = read_checkpoint(out / "server.safetensors")
     for rounds, saved in ((2, after_two), (3, after_three)):
@@ -524,8 +524,9 @@ def test_flower_deployment_a_supernode_killed_mid_round_does_not_stall_the_run(t
         assert run.wait(timeout=3 * 2 * timeout + 120) == 0, (fed_.folder / "run.log").read_text()[-3000:]
     seconds = time.monotonic() - t0
     rounds = [json.loads(x) for x in log.read_text().splitlines()]
-    assert [r["round"] for r in rounds] == [1, 2, 3] and rounds[0]["accepted"] == ["0", "1", "2"]
-    assert all("2" not in r["accepted"] and len(r["accepted"]) == 2 for r in rounds[1:]), rounds
+    # replies are aggregated in the order they arrive
+    assert [r["round"] for r in rounds] == [1, 2, 3] and sorted(rounds[0]["accepted"]) == ["0", "1", "2"]
+    assert all(sorted(r["accepted"]) == ["0", "1"] and r["sampled"] == 3 for r in rounds[1:]), rounds
     assert seconds < 3 * 2 * timeout + 120, seconds  # not Flower's 3600 s default per round
     saved = read_checkpoint(out / "server.safetensors")
     assert saved["rounds"] == 3

@@ -81,7 +81,7 @@ def cmd_loopback(args: argparse.Namespace) -> int:
     if args.verbose:
         print(streamed)
     for r in [json.loads(x) for x in log.read_text().splitlines()[done:]]:
-        print(f"round {r['round']}: accepted {r['accepted']}, attempts {r['attempts']}, {r['seconds']:.1f} s"
+        print(f"round {r['round']}: accepted {sorted(r['accepted'])}, attempts {r['attempts']}, {r['seconds']:.1f} s"
               + (f", meta_loss {r['meta_loss']:.4f}" if "meta_loss" in r else "")
               + (f", eval_loss {r['eval_loss']:.4f}" if "eval_loss" in r else ""))
     print(f"server checkpoint: {folder / 'out' / 'server.safetensors'}")
