@@ -69,28 +69,31 @@ def simulation(cfg: dict, rounds: int) -> tuple[float | None, str]:
         import ray  # noqa: F401
     except ImportError:
         return None, "ray not installed (pip install 'flwr[simulation]==1.42.0')"
+    from flwr.app import Context
     from flwr.clientapp import ClientApp
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
-    # run_simulation takes no run config: these apps put ours into the context before calling metagrad's
+    # run_simulation takes no run config and a Context's run_config cannot be changed: these apps hand metagrad's
+    # functions a Context with ours (and the node's own state, so per-client state still persists)
     run_cfg = {**cfg, "num-server-rounds": rounds, "round-timeout": 600.0}
     client_app, server_app = ClientApp(), ServerApp()
 
+    def ours(context: Context) -> Context:
+        return Context(run_id=context.run_id, node_id=context.node_id, node_config=context.node_config,
+                       state=context.state, run_config=run_cfg)
+
     @client_app.train()
     def train(msg, context):
-        context.run_config.update(run_cfg)
-        return F.train(msg, context)
+        return F.train(msg, ours(context))
 
     @client_app.evaluate()
     def evaluate(msg, context):
-        context.run_config.update(run_cfg)
-        return F.evaluate(msg, context)
+        return F.evaluate(msg, ours(context))
 
     @server_app.main()
     def main(grid, context):
-        context.run_config.update(run_cfg)
-        F.main(grid, context)
+        F.main(grid, ours(context))
 
     t0 = time.perf_counter()
     try:

@@ -252,9 +252,9 @@ class MetaStrategy(FedAvg):
                 arrays, metrics = self.aggregate_train(round_no, replies)
                 if arrays is not None:
                     break
-                log.warning("round %d, attempt %d: %d of %d sampled nodes replied in %.0f s; %s", round_no, attempt,
-                            len(replies), len(nodes), self.round_timeout,
-                            "retrying" if attempt <= self.round_retries else "giving up")
+                log.warning("round %d, attempt %d: %d replies without error from %d sampled nodes (timeout %.0f s); %s",
+                            round_no, attempt, sum(not m.has_error() for m in replies), len(nodes),
+                            self.round_timeout, "retrying" if attempt <= self.round_retries else "giving up")
             else:
                 raise RuntimeError(f"round {round_no} failed {self.round_retries + 1} times (fewer than "
                                    f"{self.min_train_nodes} acceptable updates within {self.round_timeout} s each); "
