@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
@@ -438,117 +437,100 @@ def test_flower_client_replies_and_meta_strategy_equal_the_pure_round():
     close(F.from_record(arrays, theta), server.weights(), rel=0)
 
 
-# -- Flower deployment engine on loopback: a SuperLink and two SuperNodes as processes ---------------------
-def _free_ports(n: int) -> list[int]:
-    import socket
+# -- Flower deployment engine on loopback: a SuperLink and SuperNodes as processes ------------------------------
+def _deployment(tmp_path, cfg, num_clients):
+    pytest.importorskip("flwr")
+    from pathlib import Path
 
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
+    from metagrad.federated import deploy
+    from metagrad.federated import flower as F
 
-
-def _wait_for_port(port: int, proc, seconds: float) -> None:
-    import socket
-    import time
-
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the process on port {port} exited with {proc.returncode}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.5)
-    raise TimeoutError(f"nothing listened on 127.0.0.1:{port} after {seconds} s")
+    if not (Path(sys.executable).parent / "flower-superlink").exists():
+        pytest.skip("flower-superlink is not installed beside this Python")
+    return deploy.Loopback(tmp_path / "procs", num_clients), F.write_app(tmp_path / "app", **cfg)
 
 
-def _stop(procs) -> None:
-    """End every process started and its children (each in its own session: its process group)."""
-    import os
-    import signal
-
-    for p in procs:
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(p.pid, signal.SIGKILL)
-            p.wait(timeout=15)
-        with contextlib.suppress(ProcessLookupError):  # children left in the group (superexec, clientapp)
-            os.killpg(p.pid, signal.SIGKILL)
+def _replay(cfg, rounds):
+    """The server of an in-process run whose round r took the updates of the clients in rounds[r]."""
+    return _in_process(cfg, [[int(k) for k in accepted] for accepted in rounds])
 
 
 @pytest.mark.slow
-def test_flower_deployment_on_loopback_runs_rounds_and_resumes(tmp_path):
-    pytest.importorskip("flwr")
-    import os
-    from pathlib import Path
+def test_metagrad_federated_loopback_with_tls_runs_rounds_and_resumes(tmp_path, capsys):
+    # `metagrad federated loopback --tls`: self-signed certificates, a SuperLink serving HTTPS, 2 SuperNodes and flwr
+    # verifying it against the CA; a second call restarts everything and the ServerApp resumes from its checkpoint.
+    import json
 
-    from metagrad.federated import flower as F
+    from metagrad.cli import main
 
-    bin_dir = Path(sys.executable).parent
-    if not (bin_dir / "flower-superlink").exists():
-        pytest.skip("flower-superlink is not installed beside this Python")
-    link, node0, node1 = _free_ports(3)
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    home = tmp_path / "home"
-    home.mkdir()
-    (home / "config.toml").write_text(f'[superlink]\ndefault = "loopback"\n\n[superlink.loopback]\n'
-                                      f'address = "127.0.0.1:{link}"\ninsecure = true\n')
-    out = tmp_path / "out"
-    cfg = {"strategy": "fedmaml", "num-clients": 2, "server-optimizer": "adam", "server-lr": 0.01,
-           "num-server-rounds": 2, "out": str(out)}
-    app = F.write_app(tmp_path / "app", **cfg)
-    procs = []
-
-    def start(name: str, *args: str, flwr_home: Path) -> subprocess.Popen:
-        log_file = open(tmp_path / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
-        p = subprocess.Popen([str(bin_dir / args[0]), *args[1:]], env={**env, "FLWR_HOME": str(flwr_home)},
-                             stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-        procs.append(p)
-        return p
-
-    def flwr_run(*extra: str) -> str:
-        done = subprocess.run([str(bin_dir / "flwr"), "run", str(app), "loopback", "--stream", *extra],
-                              env={**env, "FLWR_HOME": str(home)}, capture_output=True, text=True, timeout=300,
-                              start_new_session=True)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        return done.stdout + done.stderr
-
-    try:
-        sl = start("superlink", "flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
-                   "--port", str(link), flwr_home=tmp_path / "sl")
-        _wait_for_port(link, sl, 60)
-        for k, port in enumerate((node0, node1)):
-            start(f"supernode{k}", "flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link}", "--port",
-                  str(port), "--node-config", f"partition-id={k}", flwr_home=tmp_path / f"n{k}")
-        first = flwr_run()
-        assert "aggregate_train: Received 2 results and 0 failures" in first
-        after_two = read_checkpoint(out / "server.safetensors")
-        # A restarted server (a new run of the ServerApp) resumes from its checkpoint and does the third round.
-        flwr_run("--run-config", "num-server-rounds=3")
-        after_three = read_checkpoint(out / "server.safetensors")
-    finally:
-        _stop(procs)
-    assert all(p.poll() is not None for p in procs)
-
-    alg, strategy = F.build(cfg)
-    server = fed.Server({n: p.detach() for n, p in alg.meta_parameters().items()}, "adam", 0.01)
-    clients = {str(k): F.client_data(cfg, k) for k in range(2)}
+    _deployment(tmp_path, {}, 2)  # skips without Flower
+    folder, out = tmp_path / "fed", tmp_path / "fed" / "out"
+    cfg = {"strategy": "fedmaml", "num-clients": 2, "server-optimizer": "adam", "server-lr": 0.01}
+    common = ["federated", "loopback", "--tls", "--num-clients", "2", "--folder", str(folder), "--verbose",
+              "--set", "strategy=fedmaml", "--set", "server-lr=0.01", "--set", "round-timeout=120.0"]
+    assert main([*common, "--set", "num-server-rounds=2"]) == 0
+    first = capsys.readouterr().out
+    assert "(TLS)" in first and "aggregate_train: Received 2 results and 0 failures" in first
+    assert "round 2: accepted ['0', '1'], attempts 1" in first  # printed sorted
+    after_two = read_checkpoint(out / "server.safetensors")
+    assert main([*common, "--set", "num-server-rounds=3"]) == 0
+    assert "round 3: accepted ['0', '1'], attempts 1" in capsys.readouterr().out
+    assert [json.loads(x)["round"] for x in (out / "rounds.jsonl").read_text().splitlines()] == [1, 2, 3]
+    after_three = read_checkpoint(out / "server.safetensors")
     for rounds, saved in ((2, after_two), (3, after_three)):
-        while server.rounds < rounds:
-            fed.run_round(server, strategy, alg, clients)
         assert saved["rounds"] == rounds
         # float32 on the wire and the replies' order may differ: equal up to rounding
-        close(saved["algorithm"], server.weights(), rel=1e-5)
+        close(saved["algorithm"], _replay(cfg, [["0", "1"]] * rounds).weights(), rel=1e-5)
+
+
+def test_tls_certificates_verify_for_the_loopback_names(tmp_path):
+    pytest.importorskip("cryptography")
+    import ssl
+
+    from metagrad.federated import deploy
+
+    folder = deploy.write_certificates(tmp_path / "certs")
+    context = ssl.create_default_context(cafile=str(folder / "ca.pem"))
+    context.load_cert_chain(folder / "server.pem", folder / "server.key")  # the key matches the certificate
+    from cryptography import x509
+
+    cert = x509.load_pem_x509_certificate((folder / "server.pem").read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["localhost"]
+    assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    ca = x509.load_pem_x509_certificate((folder / "ca.pem").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    assert oct((folder / "ca.key").stat().st_mode & 0o777) == "0o600"
+
+
+@pytest.mark.slow
+def test_flower_deployment_a_supernode_killed_mid_round_does_not_stall_the_run(tmp_path):
+    import json
+    import time
+
+    out = tmp_path / "out"
+    timeout = 40.0  # an honest round here takes ~10-20 s (a clientapp process per message, loaded machine)
+    cfg = {"strategy": "fedmaml", "num-clients": 3, "server-optimizer": "adam", "server-lr": 0.01,
+           "num-server-rounds": 3, "out": str(out), "min-train-nodes": 2, "round-timeout": timeout}
+    loopback, app = _deployment(tmp_path, cfg, 3)
+    t0 = time.monotonic()
+    with loopback as fed_:
+        run = fed_.popen(app)
+        log = out / "rounds.jsonl"
+        while not (log.is_file() and log.read_text().count("\n") >= 1):  # round 1 done: round 2's messages go out
+            assert run.poll() is None and time.monotonic() - t0 < 300, (fed_.folder / "run.log").read_text()[-3000:]
+            time.sleep(0.1)
+        fed_.kill_node(2)
+        assert run.wait(timeout=3 * 2 * timeout + 120) == 0, (fed_.folder / "run.log").read_text()[-3000:]
+    seconds = time.monotonic() - t0
+    rounds = [json.loads(x) for x in log.read_text().splitlines()]
+    # replies are aggregated in the order they arrive
+    assert [r["round"] for r in rounds] == [1, 2, 3] and sorted(rounds[0]["accepted"]) == ["0", "1", "2"]
+    assert all(sorted(r["accepted"]) == ["0", "1"] and r["sampled"] == 3 for r in rounds[1:]), rounds
+    assert seconds < 3 * 2 * timeout + 120, seconds  # not Flower's 3600 s default per round
+    saved = read_checkpoint(out / "server.safetensors")
+    assert saved["rounds"] == 3
+    close(saved["algorithm"], _replay(cfg, [r["accepted"] for r in rounds]).weights(), rel=1e-5)
 
 
 def test_readme_federated_example_runs():
@@ -614,3 +596,125 @@ def test_a_step_that_would_overflow_is_rolled_back_with_the_optimizer_state():
     close(server.weights(), before, rel=0)
     after = server.optimizer.state_dict()["state"]
     assert all(torch.equal(after[k]["momentum_buffer"], state["state"][k]["momentum_buffer"]) for k in after)
+
+
+# -- drop-outs: MetaStrategy.start on a grid in this process whose nodes can stay silent -------------------------
+class LoopGrid:
+    """Flower's Grid as MetaStrategy.start uses it (`get_node_ids`, `send_and_receive`), its nodes the ClientApp's
+    functions in this process; `silent(round, attempt, partition)` says which nodes never reply (a dropped node)."""
+
+    def __init__(self, cfg, silent):
+        from flwr.app import Context, RecordDict
+        from flwr.supercore.task_identity import TaskIdentity
+
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 1
+        self.contexts = {100 + k: Context(run_id=1, node_id=100 + k, node_config={"partition-id": k},
+                                          state=RecordDict(), run_config=cfg) for k in range(cfg["num-clients"])}
+        self.silent, self.sent, self.attempts = silent, [], {}
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        from metagrad.federated import flower as F
+
+        messages = list(messages)
+        kind = messages[0].metadata.message_type if messages else ""
+        rnd = int(messages[0].content["config"]["server-round"]) if messages else 0
+        if kind == "train":
+            self.attempts[rnd] = self.attempts.get(rnd, 0) + 1
+        self.sent.append((kind, rnd, sorted(m.metadata.dst_node_id - 100 for m in messages), timeout))
+        replies = []
+        for m in messages:
+            part = m.metadata.dst_node_id - 100
+            if not self.silent(rnd, self.attempts.get(rnd, 0), part):
+                replies.append((F.train if kind == "train" else F.evaluate)(m, self.contexts[m.metadata.dst_node_id]))
+        return replies
+
+
+def _meta_strategy(cfg, tmp_path):
+    from metagrad.federated import flower as F
+
+    alg, _ = F.build(cfg)
+    server = fed.Server({n: p.detach() for n, p in alg.meta_parameters().items()}, "adam", cfg["server-lr"])
+    return F.MetaStrategy(server, tmp_path / "server.safetensors", round_timeout=7.0, round_retries=cfg["retries"],
+                          log_path=tmp_path / "rounds.jsonl", min_train_nodes=cfg["min-train-nodes"])
+
+
+def _in_process(cfg, clients_per_round):
+    from metagrad.federated import flower as F
+
+    alg, strategy = F.build(cfg)
+    server = fed.Server({n: p.detach() for n, p in alg.meta_parameters().items()}, "adam", cfg["server-lr"])
+    for parts in clients_per_round:
+        fed.run_round(server, strategy, alg, {str(k): F.client_data(cfg, k) for k in parts})
+    return server
+
+
+def test_a_silent_node_leaves_the_round_to_the_others_within_the_timeout(tmp_path):
+    pytest.importorskip("flwr")
+    import json
+
+    cfg = {"num-clients": 3, "server-lr": 0.01, "min-train-nodes": 2, "retries": 0}
+    meta = _meta_strategy(cfg, tmp_path)
+    grid = LoopGrid(cfg, lambda rnd, attempt, part: rnd >= 2 and part == 2)  # node 2 dies in round 2
+    reports = meta.start(grid, 3, wait_for=3)
+    assert [r["accepted"] for r in reports] == [["0", "1", "2"], ["0", "1"], ["0", "1"]]
+    assert [r["attempts"] for r in reports] == [1, 1, 1]
+    assert all(t is not None and t <= 7.0 for *_, t in grid.sent)  # every wait is bounded by the round timeout
+    # the new model is evaluated by the nodes that replied, not by the silent one
+    assert [(k, r, p) for k, r, p, _ in grid.sent if k == "evaluate"] == [("evaluate", 1, [0, 1, 2]),
+                                                                          ("evaluate", 2, [0, 1]),
+                                                                          ("evaluate", 3, [0, 1])]
+    expected = _in_process(cfg, [[0, 1, 2], [0, 1], [0, 1]])
+    close(meta.server.weights(), expected.weights(), rel=1e-6)  # float32 on the wire
+    saved = read_checkpoint(tmp_path / "server.safetensors")
+    assert saved["rounds"] == 3
+    lines = [json.loads(x) for x in (tmp_path / "rounds.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == [1, 2, 3] and lines[1]["accepted"] == ["0", "1"]
+    assert all(x["sampled"] == 3 and "eval_loss" in x for x in lines)
+
+
+def test_a_round_with_too_few_replies_is_retried_and_never_half_applied(tmp_path):
+    pytest.importorskip("flwr")
+    cfg = {"num-clients": 3, "server-lr": 0.01, "min-train-nodes": 3, "retries": 1}
+    # node 1 misses the first attempt at round 2: the retry has everyone and the model is as if nothing happened
+    meta = _meta_strategy(cfg, tmp_path)
+    reports = meta.start(LoopGrid(cfg, lambda rnd, attempt, part: (rnd, attempt, part) == (2, 1, 1)), 3)
+    assert [r["attempts"] for r in reports] == [1, 2, 1]
+    close(meta.server.weights(), _in_process(cfg, [[0, 1, 2]] * 3).weights(), rel=1e-6)
+
+    # node 1 gone for good: round 2 fails twice; the model and checkpoint stay at round 1
+    meta = _meta_strategy(cfg, tmp_path / "gone")
+    (tmp_path / "gone").mkdir()
+    grid = LoopGrid(cfg, lambda rnd, attempt, part: rnd >= 2 and part == 1)
+    with pytest.raises(RuntimeError, match="round 2 failed 2 times.*stay at round 1"):
+        meta.start(grid, 3)
+    assert grid.attempts == {1: 1, 2: 2} and meta.server.rounds == 1
+    one = _in_process(cfg, [[0, 1, 2]])
+    close(meta.server.weights(), one.weights(), rel=1e-6)
+    saved = read_checkpoint(tmp_path / "gone" / "server.safetensors")
+    assert saved["rounds"] == 1
+    close(saved["algorithm"], one.weights(), rel=1e-6)
+
+
+def test_metagrad_federated_app_writes_the_run_config_and_refuses_bad_input(tmp_path, capsys):
+    pytest.importorskip("flwr")
+    tomllib = pytest.importorskip("tomllib")
+    from helpers import one_line_error
+
+    from metagrad.cli import main
+
+    assert main(["federated", "app", str(tmp_path / "app"), "--set", "strategy=fedreptile", "--set",
+                 "num-server-rounds=4", "--set", "round-timeout=30.5", "--set", "out=runs/x"]) == 0
+    project = tomllib.loads((tmp_path / "app" / "pyproject.toml").read_text())
+    config = project["tool"]["flwr"]["app"]["config"]
+    assert (config["strategy"], config["num-server-rounds"], config["round-timeout"], config["out"]) == (
+        "fedreptile", 4, 30.5, "runs/x")
+    assert project["tool"]["flwr"]["app"]["components"]["clientapp"] == "metagrad.federated.flower:client_app"
+    assert project["project"]["dependencies"] == []  # nothing to install at run time
+    capsys.readouterr()
+    one_line_error(capsys, ["federated", "app", str(tmp_path / "b"), "--set", "nope=1"], "unknown run config key")
+    one_line_error(capsys, ["federated", "app", str(tmp_path / "b"), "--set", "min-train-nodes=5"],
+                   "min-train-nodes must be in 1..num-clients")
+    one_line_error(capsys, ["federated", "superlink"], "--certificates DIR (TLS) or --insecure")

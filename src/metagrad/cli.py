@@ -6,6 +6,7 @@
     metagrad list                                 experiments, algorithms, task families
     metagrad report runs/a runs/b --out docs/experiments.md
     metagrad download omniglot
+    metagrad federated loopback --num-clients 3    Flower SuperLink + SuperNodes on 127.0.0.1 (federated extra)
 
 Every run writes a folder (`runs/<name>`, or `--out`): config.json, metrics.jsonl, checkpoint.safetensors,
 results.json, PNG plots. Bad names and config keys are one-line errors with exit code 2.
@@ -604,6 +605,10 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("dataset", help="omniglot")
     q.add_argument("--dest", help="folder (default: $METAGRAD_DATA, else ~/.cache/metagrad/data)")
     q.set_defaults(fn=cmd_download)
+
+    from metagrad.federated import commands
+
+    commands.add_parser(sub, fmt)
     return p
 
 
