@@ -332,7 +332,6 @@ def test_maml_plus_plus_short_training_learns_its_rates_and_beats_chance(tmp_pat
     # 4 conv x 2 + head x 2: the per-step batch norm is learned in the outer loop only, as in MAML++.
     assert len(rates) == 10 and all(trained[k].shape == (5,) for k in rates)
     assert trained["model.features.1.weight"].shape == (6, 16)  # a set per number of inner updates, 0..5
-    assert not torch.equal(trained["model.features.1.running_mean"][5], torch.zeros(16))  # the query pass's set
     assert any(not torch.equal(start[k], trained[k]) for k in rates)
     lrs = [m["outer_lr"] for m in Run(tmp_path, {}, resume=True).metrics() if "outer_lr" in m]
     assert lrs[0] > lrs[-1] > 1e-5  # cosine-annealed outer rate, logged
