@@ -11,7 +11,8 @@ forward and backward:
     order 2:  k (9 F - 5 f1) + Q        plus the backward through each step's forward and backward
                                         (2 F - f1, and 4 F - 3 f1 for the backward's two products per layer)
 
-so the ratio goes from about 2 (k = 1) toward 3 (k large). Measured here (torch 2.13): exact for the MLPs; for
+so with f1 << F the ratio goes from about 2 (k = 1) toward 3 (k large); a single linear layer (f1 = F) gives
+(4k + 2) / (2k + 2). Measured here (torch 2.13): exact for the MLPs; for
 the Conv4 (Omniglot) order 1 is exact and order 2 counts about 5% more than this (about one extra convolution
 of the second layer's size per inner step in PyTorch's double backward), so the claim reports measured/analytic.
 
@@ -147,12 +148,12 @@ def run_cost(cfg: CostConfig, run: Run) -> dict:
         row = {"strategy": r["strategy"], "k": r["inner_steps"], "parameters": r["parameters"],
                "bytes up": round(statistics.mean(r["up"])), "update ArrayRecord bytes": round(statistics.mean(
                    r["up_arrays"])), "bytes down": round(statistics.mean(r["down"])),
-               "MFLOPs": round(statistics.mean(r["flops"]) / 1e6, 4)}
+               "MFLOPs": float(f"{statistics.mean(r['flops']) / 1e6:.4g}")}
         s, ci = mean_ci95(torch.tensor(r["seconds"]))
         row["ms per client"] = f"{1e3 * s:.3f} ± {1e3 * ci:.3f}"
         row["peak KiB"] = round(statistics.mean(r["peak_bytes"]) / 1024, 1)
         if "analytic_flops" in r:
-            row["analytic MFLOPs"] = round(statistics.mean(r["analytic_flops"]) / 1e6, 4)
+            row["analytic MFLOPs"] = float(f"{statistics.mean(r['analytic_flops']) / 1e6:.4g}")
         if ref is not None:
             for key, col in (("up", "bytes"), ("flops", "FLOPs"), ("seconds", "time"), ("peak_bytes", "memory")):
                 row[f"{col} / FO-FedMAML"] = round(statistics.mean(r[key]) / statistics.mean(ref[key]), 3)
