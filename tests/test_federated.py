@@ -526,7 +526,9 @@ def test_flower_deployment_a_supernode_killed_mid_round_does_not_stall_the_run(t
     rounds = [json.loads(x) for x in log.read_text().splitlines()]
     # replies are aggregated in the order they arrive
     assert [r["round"] for r in rounds] == [1, 2, 3] and sorted(rounds[0]["accepted"]) == ["0", "1", "2"]
-    assert all(sorted(r["accepted"]) == ["0", "1"] and r["sampled"] == 3 for r in rounds[1:]), rounds
+    assert all(sorted(r["accepted"]) == ["0", "1"] for r in rounds[1:]), rounds
+    # round 2 was sent to the killed node too; by round 3 the SuperLink may have dropped it (missed heartbeats)
+    assert rounds[1]["sampled"] == 3 and rounds[2]["sampled"] in (2, 3)
     assert seconds < 3 * 2 * timeout + 120, seconds  # not Flower's 3600 s default per round
     saved = read_checkpoint(out / "server.safetensors")
     assert saved["rounds"] == 3

@@ -77,7 +77,12 @@ def cmd_loopback(args: argparse.Namespace) -> int:
     with deploy.Loopback(folder / "nodes", args.num_clients, certificates) as fed:
         print(f"SuperLink on {fed.address} ({'TLS' if certificates else 'insecure, loopback only'}), "
               f"{args.num_clients} SuperNodes; logs in {fed.folder}", flush=True)
-        streamed = fed.run(app, timeout=args.timeout)
+        try:
+            streamed = fed.run(app, timeout=args.timeout)
+        except (RuntimeError, subprocess.TimeoutExpired) as err:
+            from metagrad.cli import CommandError
+
+            raise CommandError(f"{err} (node logs in {fed.folder})") from err
     if args.verbose:
         print(streamed)
     for r in [json.loads(x) for x in log.read_text().splitlines()[done:]]:
