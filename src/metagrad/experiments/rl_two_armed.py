@@ -185,4 +185,5 @@ def plot(run: Run, starts: dict, curves: dict, cfg: TwoArmedConfig) -> None:
 
 
 experiment("rl-two-armed", "two symmetric arms: MAML's start lands at d=0 where the policy gradient is largest, "
-           "and adapts faster than random, biased and saturated starts (exact returns)", TwoArmedConfig)(run_two_armed)
+           "and adapts faster than random, biased and saturated starts (exact returns); --set reward=delayed (holds) "
+           "or sparse (does not)", TwoArmedConfig)(run_two_armed)
