@@ -84,20 +84,25 @@ class _Nav2DBatch:
 class Bandit:
     """A multi-armed bandit: a task is the arms' success probabilities `[tasks, arms]`; an episode is
     `horizon` pulls; a pull of arm a pays 1 with probability p_a (or p_a itself with `expected=True`, the
-    exact-expectation variant the tests use). The observation is a constant 1 (no memory in the policy)."""
+    exact-expectation variant the tests use). The observation is a constant 1 (no memory in the policy).
+
+    `reward` says when the pulls pay: "immediate" (each pull its own reward), "delayed" (nothing until the
+    last pull, which pays the episode's total), "sparse" (the last pull pays 1 if every pull paid, else 0)."""
 
     obs_dim = 1
 
     def __init__(self, arms: int = 2, horizon: int = 1, expected: bool = False,
                  sampler: Callable[[int, torch.Generator | None], Tensor] | None = None,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, reward: str = "immediate") -> None:
+        if reward not in ("immediate", "delayed", "sparse"):
+            raise ValueError(f"reward must be 'immediate', 'delayed' or 'sparse', got {reward!r}")
         if int(arms) != arms or arms < 2:
             raise ValueError(f"a bandit needs at least 2 arms, got {arms!r}")
         if int(horizon) != horizon or horizon < 1:
             raise ValueError(f"horizon must be a positive integer, got {horizon!r}")
         self.arms, self.horizon, self.expected, self.dtype = int(arms), int(horizon), bool(expected), dtype
         self.action_space: Space = Discrete(self.arms)
-        self.sampler = sampler
+        self.sampler, self.reward = sampler, reward
 
     def sample_tasks(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """Arm probabilities `[n, arms]` (uniform in [0, 1] unless a `sampler` was given)."""
@@ -116,15 +121,24 @@ class _BanditBatch:
     def __init__(self, env: Bandit, probs: Tensor, episodes: int, generator: torch.Generator | None) -> None:
         self.env, self.probs, self.episodes, self.generator = env, probs, int(episodes), generator
 
-    def reset(self) -> Tensor:
+    def obs(self) -> Tensor:
         return torch.ones(self.probs.shape[0], self.episodes, 1, dtype=self.env.dtype)
+
+    def reset(self) -> Tensor:
+        self.t, self.total = 0, torch.zeros(self.probs.shape[0], self.episodes, dtype=self.env.dtype)
+        return self.obs()
 
     def step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         p = self.probs.gather(1, actions.long())
         reward = p if self.env.expected else (torch.rand(p.shape, generator=self.generator, dtype=torch.float64)
                                               < p.double()).to(self.env.dtype)
+        self.t, self.total = self.t + 1, self.total + reward
+        if self.env.reward != "immediate":
+            last = self.t == self.env.horizon
+            paid = self.total if self.env.reward == "delayed" else (self.total == self.t).to(reward.dtype)
+            reward = paid if last else torch.zeros_like(reward)
         done = torch.zeros(p.shape, dtype=torch.bool)
-        return self.reset(), reward, done
+        return self.obs(), reward, done
 
     def close(self) -> None:
         pass
