@@ -42,7 +42,7 @@ PAPER_FIGURE_5 = {"dir": (0.0, 300.0), "vel": (-130.0, -75.0)}
 
 @dataclass
 class CheetahConfig:
-    budget_minutes: float = 2.0     # training wall time per trained start (MAML, pretrained); 0: none (full run)
+    budget_minutes: float = 1.5     # training wall time per trained start (MAML, pretrained); 0: none (full run)
     iterations: int = 500           # meta-iterations per start (the paper's figure); the budget stops earlier
     meta_batch: int = 10            # tasks per meta-iteration (the paper: 40)
     episodes: int = 20              # K: trajectories per task and policy-gradient step
