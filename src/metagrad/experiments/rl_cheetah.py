@@ -10,9 +10,11 @@ The paper's settings (the full config): policy MLP 100-100 (ReLU), Gaussian with
 horizon 200; K = 20 trajectories per task and step; meta-batch 40; inner rate 0.1, one inner step; TRPO
 outer step (max KL 0.01); 500 meta-iterations (its figure's training length). That is
 
-    metagrad run rl-cheetah-dir --set meta_batch=40 iterations=500 budget_minutes=0 eval_tasks=40 eval_steps=3
+    metagrad run rl-cheetah-dir --set meta_batch=40 --set iterations=500 --set budget_minutes=0 \
+        --set eval_tasks=40 --set eval_steps=3
 
-about 320k simulator steps per iteration (~1-4 min on one core here), ~30 CPU-hours per start. The
+about 320k simulator steps per iteration; at the ~1.1e7 simulator steps per hour that MAML meta-training
+ran at here (one thread, loaded machine, TRPO included) that is ~13 hours per trained start. The
 DEFAULT is budget-limited: meta-batch 10 and `budget_minutes` of training per start (MAML, pretrained),
 everything else the paper's; it shows how far a few minutes get, not the paper's numbers. The pretrained
 policy is trained by the same code and outer step with no inner step; the random start is the same seeded
