@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "== [2/3] $(TORCH_PIN) (the tested version; a large download on a fresh machine)"
 	$(BIN)/python -m pip install --progress-bar on $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_PIN)"
-	@echo "== [3/3] metagrad and its dependencies (extras rl: gymnasium, no MuJoCo; federated: flwr, no Ray), $(TORCH_PIN) kept"
+	@echo "== [3/3] metagrad and its dependencies (extras rl: gymnasium with MuJoCo; federated: flwr, no Ray), $(TORCH_PIN) kept"
 	$(BIN)/python -m pip install --progress-bar on -e ".[dev,rl,federated]" "$(TORCH_PIN)"
 	touch $(STAMP)
 	@echo "== installed: $$($(BIN)/python -c 'import torch; print("torch", torch.__version__)')"

@@ -9,8 +9,11 @@ running batch whose `reset() -> obs [tasks, episodes, obs_dim]` and `step(action
 - `Nav2D` and `Bandit` are written as batched torch tensors: exact, fast, no gymnasium needed.
 - `GymEnv` runs any registered gymnasium environment id through `gymnasium.vector.SyncVectorEnv`, one
   sub-environment per (task, episode); gymnasium is imported only when one is built (`pip install
-  metagrad[rl]`). `register_gymnasium()` registers `metagrad/Nav2D-v0`, the same navigation task as a
-  gymnasium environment.
+  metagrad[rl]`). A task's setting is either keyword arguments of `gymnasium.make` (a fresh vector env per
+  batch) or an attribute of the environment set before every reset (`task_attr`: the sub-environments
+  are built once and reused, which matters for MuJoCo, where building one costs ~10 ms). `register_gymnasium()`
+  registers `metagrad/Nav2D-v0`, the same navigation task as a gymnasium environment; the MuJoCo
+  cheetah families are in `metagrad.rl.locomotion`.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ class Nav2D:
     def sample_tasks(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """Goals `[n, 2]`, uniform in [-goal_range, goal_range]^2."""
         return (torch.rand(n, 2, generator=generator, dtype=torch.float64) * 2 - 1).to(self.dtype) * self.goal_range
+
+    sample = sample_tasks  # the name train.meta_train draws meta-batches by
 
     def batch(self, settings: Tensor, episodes: int, generator: torch.Generator | None = None) -> _Nav2DBatch:
         """`episodes` episodes of every task whose goal is a row of `settings [tasks, 2]`."""
@@ -110,6 +115,8 @@ class Bandit:
             return self.sampler(n, generator).to(self.dtype)
         return torch.rand(n, self.arms, generator=generator, dtype=torch.float64).to(self.dtype)
 
+    sample = sample_tasks  # the name train.meta_train draws meta-batches by
+
     def batch(self, settings: Tensor, episodes: int, generator: torch.Generator | None = None) -> _BanditBatch:
         if settings.dim() != 2 or settings.shape[1] != self.arms:
             raise ValueError(f"Bandit task settings are arm probabilities of shape [tasks, {self.arms}], "
@@ -157,25 +164,39 @@ def _gymnasium() -> Any:
 class GymEnv:
     """Any registered gymnasium environment id as a task family, run through `gymnasium.vector.SyncVectorEnv`.
 
-    `task_kwargs(setting) -> dict` turns one task's setting (a row of `settings`) into keyword arguments
-    of `gymnasium.make` (e.g. the goal); `sample_tasks(n, generator)` draws settings (default: no
-    settings, every task the same environment). Unknown ids are a clear error at construction.
+    A task's setting (a row of `settings`) reaches the environment in one of two ways:
+    - `task_kwargs(setting) -> dict`: keyword arguments of `gymnasium.make` (e.g. the goal); every batch
+      builds its sub-environments afresh;
+    - `task_attr`: the name of an attribute of the environment that holds the setting (a float, or a list
+      of floats). The sub-environments are built once per batch size and reused; before every batch's
+      reset each one gets its task's setting, so nothing of one task's episodes reaches the next batch's
+      (the reset re-seeds and re-initialises every sub-environment; tests/test_rl_cheetah.py checks it).
+    `sample_tasks(n, generator)` draws settings (default: no settings, every task the same environment).
+    Unknown ids are a clear error at construction.
     """
 
     def __init__(self, env_id: str, horizon: int,
                  task_kwargs: Callable[[Tensor], dict[str, Any]] | None = None,
                  sample_tasks: Callable[[int, torch.Generator | None], Tensor] | None = None,
-                 dtype: torch.dtype = torch.float32, **make_kwargs: Any) -> None:
+                 task_attr: str | None = None, dtype: torch.dtype = torch.float32, **make_kwargs: Any) -> None:
         gym = _gymnasium()
         if env_id == "metagrad/Nav2D-v0":
             register_gymnasium()
+        if env_id.startswith("metagrad/HalfCheetah"):
+            from metagrad.rl.locomotion import register_cheetah
+            register_cheetah()
         try:
             gym.spec(env_id)
         except gym.error.Error as e:
             raise ValueError(f"unknown gymnasium environment id {env_id!r} ({type(e).__name__}: {e}); "
                              "see gymnasium.pprint_registry() for the registered ids") from None
+        if task_kwargs is not None and task_attr is not None:
+            raise ValueError("give a task's setting as task_kwargs (make arguments) or task_attr (an attribute), "
+                             "not both")
         self.env_id, self.horizon, self.dtype = env_id, int(horizon), dtype
         self.task_kwargs, self._sample, self.make_kwargs = task_kwargs, sample_tasks, make_kwargs
+        self.task_attr = task_attr
+        self._pools: dict[int, Any] = {}  # sub-environment count -> vector env (task_attr only)
         probe = gym.make(env_id, **make_kwargs)
         try:
             shape = probe.observation_space.shape
@@ -183,29 +204,50 @@ class GymEnv:
                 raise ValueError(f"{env_id}: observations of shape {shape} are not supported (a flat vector is needed)")
             self.obs_dim = int(shape[0])
             self.action_space = from_gymnasium(probe.action_space)
+            if task_attr is not None and not hasattr(probe.unwrapped, task_attr):
+                raise ValueError(f"{env_id} has no attribute {task_attr!r} to hold a task's setting")
         finally:
             probe.close()
 
     def sample_tasks(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """Task settings `[n, ...]` (`[n, 0]` without a sampler: every task the same environment)."""
         if self._sample is None:
             return torch.zeros(n, 0, dtype=self.dtype)
         return self._sample(n, generator).to(self.dtype)
 
+    sample = sample_tasks  # the name train.meta_train draws meta-batches by
+
     def batch(self, settings: Tensor, episodes: int, generator: torch.Generator | None = None) -> _GymBatch:
+        """`episodes` episodes of every task of `settings [tasks, ...]`, one sub-environment each."""
         gym = _gymnasium()
-        fns = []
-        for setting in settings:
-            kwargs = {**self.make_kwargs, **(self.task_kwargs(setting) if self.task_kwargs else {})}
-            fns += [(lambda kw=kwargs: gym.make(self.env_id, **kw))] * int(episodes)
-        vec = gym.vector.SyncVectorEnv(fns)
         seed = int(torch.randint(0, 2 ** 31 - 1, (), generator=generator))
-        return _GymBatch(vec, settings.shape[0], int(episodes), seed, self.dtype, self.action_space)
+        n = settings.shape[0] * int(episodes)
+        if self.task_attr is None:
+            fns = []
+            for setting in settings:
+                kwargs = {**self.make_kwargs, **(self.task_kwargs(setting) if self.task_kwargs else {})}
+                fns += [(lambda kw=kwargs: gym.make(self.env_id, **kw))] * int(episodes)
+            return _GymBatch(gym.vector.SyncVectorEnv(fns), settings.shape[0], int(episodes), seed, self.dtype,
+                             owned=True)
+        if n not in self._pools:
+            self._pools[n] = gym.vector.SyncVectorEnv([lambda: gym.make(self.env_id, **self.make_kwargs)] * n)
+        vec = self._pools[n]
+        values = settings.double().reshape(settings.shape[0], -1).tolist()
+        values = [v[0] if len(v) == 1 else v for v in values]
+        vec.set_attr(self.task_attr, [v for v in values for _ in range(int(episodes))])
+        return _GymBatch(vec, settings.shape[0], int(episodes), seed, self.dtype, owned=False)
+
+    def close(self) -> None:
+        """Close the reused sub-environments."""
+        for vec in self._pools.values():
+            vec.close()
+        self._pools.clear()
 
 
 class _GymBatch:
-    def __init__(self, vec: Any, tasks: int, episodes: int, seed: int, dtype: torch.dtype, space: Space) -> None:
+    def __init__(self, vec: Any, tasks: int, episodes: int, seed: int, dtype: torch.dtype, owned: bool) -> None:
         self.vec, self.tasks, self.episodes, self.seed = vec, tasks, episodes, seed
-        self.dtype, self.space = dtype, space
+        self.dtype, self.owned = dtype, owned
 
     def _t(self, x: Any) -> Tensor:
         t = torch.as_tensor(x)
@@ -221,7 +263,8 @@ class _GymBatch:
         return self._t(obs), self._t(reward).to(self.dtype), self._t(terminated | truncated)
 
     def close(self) -> None:
-        self.vec.close()
+        if self.owned:  # a reused pool stays open for the next batch
+            self.vec.close()
 
 
 def _nav2d_gymnasium_class() -> type:

@@ -10,7 +10,8 @@ weights the true return), its gradient is the REINFORCE estimate `-mean(A grad l
 Hessian is the plain `-mean(A hess log pi)`: the derivative of the sampled update as a function of the
 parameters, which the exact meta-gradient of `metagrad.rl.maml_rl` needs. With `lvc=True` the log-
 probability is replaced by ProMP's likelihood ratio `pi / stop(pi)` (Rothfuss et al. 2019, the LVC
-objective): same value and gradient, Hessian of the expected objective.
+objective): same value and gradient, Hessian of the expected objective; `pi / pi_sampling` where the data
+holds the sampling policy's log-probabilities `sampling_log_prob` (the PPO outer step's later epochs).
 """
 
 from __future__ import annotations
@@ -53,7 +54,10 @@ class PolicyGradientLoss:
         mask, adv, rew = data["mask"], data["advantages"], data["rewards"]
         # LVC (ProMP): the likelihood ratio pi / stop(pi) in place of log pi: the same gradient, and a Hessian
         # with the extra A grad log pi grad log pi^T of the expected objective's (low variance, see maml_rl).
-        surrogate = (torch.exp(logp - logp.detach()) if self.lvc else logp) * adv.detach()
+        # With the sampling policy's log-probabilities in the data (PPO's later epochs, away from the policy
+        # that sampled), the ratio is pi / pi_sampling: ProMP's importance-weighted J^LR.
+        behaviour = data["sampling_log_prob"] if "sampling_log_prob" in data else logp.detach()
+        surrogate = (torch.exp(logp - behaviour) if self.lvc else logp) * adv.detach()
         per_step = (surrogate - surrogate.detach() + rew) * mask
         loss = -per_step.sum() / mask.numel()
         episode_return = (rew * mask).sum(-1).mean()

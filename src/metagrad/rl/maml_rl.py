@@ -24,9 +24,12 @@ likelihood ratio (LVC); `sampling_term="none"` is the original estimator (biased
 `order=1` is first-order MAML: the query loss's gradient at theta', applied to theta, no sampling term.
 `inner_steps=0` trains one policy on all tasks pooled (the pretrained baseline).
 
-The outer optimizer is any torch optimizer on `meta_gradient` (Adam in the experiments), or the MAML
+The outer step (`outer`, taken by `train_step`, so `train.meta_train` runs all three with checkpoints and
+resume): "gradient", any torch optimizer on `meta_gradient` (Adam in the experiments); "trpo", the MAML
 paper's TRPO step `metagrad.rl.trpo.trpo_step` (conjugate gradient on Fisher-vector products through the
-inner step, max KL 0.01, line search; it optimises the original surrogate). PPO-clip is not written yet.
+inner step, `max_kl`, line search; it optimises the original surrogate); "ppo", ProMP's PPO-clip step
+`metagrad.rl.ppo.ppo_step` (`ppo_epochs` optimizer steps on the clipped surrogate of the same trajectories,
+the inner step re-run through the graph each time, clip `ppo_clip`).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from torch import Tensor, nn
 from metagrad import core
 from metagrad.algorithms.base import Algorithm, MetaGradient
 from metagrad.core import Adapter, ExecPath
+from metagrad.rl import ppo, trpo
 from metagrad.rl.losses import PolicyGradientLoss, magic_box
 from metagrad.rl.rollout import add_advantages, rollout
 
@@ -67,7 +71,10 @@ class MAMLRL(Algorithm):
     advantages; `sampling_baseline` subtracts from each task's return in the DiCE sampling term the mean of
     the other tasks' (unbiased: they are independent of its support trajectories). Rollouts draw from a
     generator seeded by (`seed`, iteration): the same seed and iteration give the same trajectories.
+    `outer` chooses the outer step `train_step` takes (see the module doc): "gradient", "trpo" or "ppo".
     """
+
+    OUTER_STEPS = ("gradient", "trpo", "ppo")
 
     refused_options = {"parallel": "trajectories are sampled inside the meta-gradient from one generator; "
                                    "shard the tasks of a meta-RL batch yourself"}
@@ -75,7 +82,8 @@ class MAMLRL(Algorithm):
     def __init__(self, policy: nn.Module, env: Any, episodes: int = 20, inner_lr: float = 0.1, inner_steps: int = 1,
                  order: int = 2, gamma: float = 0.99, gae_lambda: float = 1.0, baseline: str | None = "linear",
                  normalize_advantages: bool = True, sampling_term: str = "dice", sampling_baseline: bool = True,
-                 path: str = "loop", seed: int = 0) -> None:
+                 path: str = "loop", seed: int = 0, outer: str = "gradient", max_kl: float = 0.01,
+                 ppo_clip: float = 0.3, ppo_epochs: int = 5) -> None:
         space = getattr(policy, "space", None) or env.action_space
         if space != env.action_space:
             raise ValueError(f"the policy's action space {space} does not fit the environment's {env.action_space}")
@@ -87,12 +95,18 @@ class MAMLRL(Algorithm):
             raise ValueError(f"MAMLRL runs on path 'loop' or 'vmap', got {path!r}")
         if int(episodes) != episodes or episodes < 1:
             raise ValueError(f"episodes must be a positive integer, got {episodes!r}")
+        if outer not in self.OUTER_STEPS:
+            raise ValueError(f"outer must be one of {self.OUTER_STEPS}, got {outer!r}")
+        if not (max_kl > 0 and 0 < ppo_clip < 1 and int(ppo_epochs) == ppo_epochs and ppo_epochs >= 1):
+            raise ValueError(f"need max_kl > 0, 0 < ppo_clip < 1 and a positive integer ppo_epochs; got max_kl="
+                             f"{max_kl!r}, ppo_clip={ppo_clip!r}, ppo_epochs={ppo_epochs!r}")
         loss = PolicyGradientLoss(space, lvc=sampling_term == "lvc")
         super().__init__(policy, inner_lr, inner_steps, order, task_loss=loss, path=path)
         self.env, self.space, self.episodes = env, space, int(episodes)
         self.gamma, self.gae_lambda, self.baseline = float(gamma), float(gae_lambda), baseline
         self.normalize_advantages, self.sampling_term, self.seed = bool(normalize_advantages), sampling_term, int(seed)
         self.sampling_baseline = bool(sampling_baseline)
+        self.outer, self.max_kl, self.ppo_clip, self.ppo_epochs = outer, float(max_kl), float(ppo_clip), int(ppo_epochs)
 
     # -- pieces ------------------------------------------------------------------------------------------
     def generator(self, iteration: int, stream: int = 0) -> torch.Generator:
@@ -103,6 +117,30 @@ class MAMLRL(Algorithm):
         """K trajectories of every task with `params` (shared, or stacked per task), with their advantages."""
         traj = rollout(self.f, params, self.env, settings, self.episodes, self.space, generator, stacked)
         return add_advantages(traj, self.gamma, self.gae_lambda, self.baseline, self.normalize_advantages)
+
+    def sample_pre_and_post(self, settings: Tensor, iteration: int) -> tuple[Params, dict, Params, dict]:
+        """What TRPO and PPO step on: theta_old, its support trajectories, the adapted policies theta_old_i'
+        (no graph) and their query trajectories; with no inner step the query trajectories are the support."""
+        gen = self.generator(iteration)
+        theta0 = {n: p.detach().clone() for n, p in self.params().items()}
+        support = self.sample(theta0, settings, gen, stacked=False)
+        if self.inner_steps == 0:
+            n = settings.shape[0]
+            return theta0, support, {k: v.unsqueeze(0).expand(n, *v.shape) for k, v in theta0.items()}, support
+        path = ExecPath.parse(self.path)
+        adapted0 = core.map_tasks(lambda on, s: on.adapt(theta0, s), self.adapter(iteration, order=0), path, support)
+        return theta0, support, adapted0, self.sample(adapted0, settings, gen, stacked=True)
+
+    def train_step(self, batch: Any, optimizer: torch.optim.Optimizer,
+                   iteration: int | None = None) -> dict[str, float]:
+        """One outer update by the `outer` step: the optimizer on the meta-gradient, TRPO, or PPO-clip."""
+        if self.outer == "gradient":
+            return super().train_step(batch, optimizer, iteration)
+        self._check_batch(batch)
+        if self.outer == "trpo":
+            r = trpo.trpo_step(self, batch, iteration, max_kl=self.max_kl)
+            return {**r.metrics, "surrogate": r.surrogate_after, "kl": r.kl, "step_fraction": r.step_fraction}
+        return ppo.ppo_step(self, batch, optimizer, iteration, clip=self.ppo_clip, epochs=self.ppo_epochs)
 
     def _check_batch(self, batch: Any) -> None:
         if not isinstance(batch, Tensor) or batch.dim() < 1 or batch.shape[0] == 0:

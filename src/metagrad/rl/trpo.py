@@ -19,6 +19,7 @@ problem, the LVC direction raised the evaluated surrogate at every step size.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -26,8 +27,10 @@ from torch import Tensor
 from metagrad import core
 from metagrad.core import ExecPath
 from metagrad.rl.losses import PolicyGradientLoss
-from metagrad.rl.maml_rl import MAMLRL
 from metagrad.rl.policies import Box, Discrete, Space
+
+if TYPE_CHECKING:
+    from metagrad.rl.maml_rl import MAMLRL
 
 Params = dict[str, Tensor]
 
@@ -76,11 +79,7 @@ def trpo_step(alg: MAMLRL, settings: Tensor, iteration: int | None = None, max_k
     """One TRPO meta-update of `alg`'s policy on the tasks `settings` (see the module doc); returns what it did."""
     iteration = int(alg.iteration) if iteration is None else int(iteration)
     path = ExecPath.parse(alg.path)
-    gen = alg.generator(iteration)
-    theta0 = {n: p.detach().clone() for n, p in alg.params().items()}
-    support = alg.sample(theta0, settings, gen, stacked=False)
-    adapted0 = core.map_tasks(lambda on, s: on.adapt(theta0, s), alg.adapter(iteration, order=0), path, support)
-    query = alg.sample(adapted0, settings, gen, stacked=True)
+    theta0, support, adapted0, query = alg.sample_pre_and_post(settings, iteration)
     space = alg.space
     with torch.no_grad():
         old_out = core.map_tasks(lambda on, a, q: on.f(a, q["obs"]), alg.adapter(order=0), path, adapted0, query)
@@ -146,4 +145,5 @@ def trpo_step(alg: MAMLRL, settings: Tensor, iteration: int | None = None, max_k
             frac *= backtrack
     alg.iteration.fill_(iteration + 1)
     ret = float((query["rewards"] * query["mask"]).sum(-1).mean())
-    return TRPOResult(before, after, kl_after, accepted, {"return": ret})
+    pre = float((support["rewards"] * support["mask"]).sum(-1).mean())
+    return TRPOResult(before, after, kl_after, accepted, {"return": ret, "return_before": pre})
