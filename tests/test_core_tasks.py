@@ -288,3 +288,28 @@ def test_auto_times_an_algorithm_whose_objective_uses_torch_func_transforms(gen)
     for _ in range(2 * (paths.TIMED_RUNS + 1)):
         assert rel_err(flat(alg.meta_gradient(batch)), ref) < 1e-12
     assert list(alg.tuned_paths.values())[0] in ("loop", "vmap")
+
+
+def test_a_deep_copy_runs_its_own_module_buffers(gen):
+    """`functional` is a class, not a closure: a copied algorithm's f reads the copy's buffers."""
+    import copy
+
+    from metagrad.algorithms import MAML
+
+    class Shifted(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(1, 1)
+            self.register_buffer("shift", torch.zeros(1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x) + self.shift
+
+    torch.manual_seed(0)
+    alg = MAML(Shifted().double(), inner_lr=0.05)
+    twin = copy.deepcopy(alg)
+    assert twin.f.module is twin.model and alg.f.module is alg.model
+    twin.model.shift.fill_(3.0)
+    x = torch.ones(4, 1, dtype=torch.float64)
+    params = dict(alg.model.named_parameters())
+    assert torch.allclose(twin.f(params, x) - alg.f(params, x), torch.full((4, 1), 3.0, dtype=torch.float64))

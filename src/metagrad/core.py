@@ -248,18 +248,24 @@ def takes_step(model: nn.Module) -> bool:
     return "step" in inspect.signature(model.forward).parameters
 
 
+class Functional:
+    """A module as a pure function `f(params, x)`; a class, not a closure, so `copy.deepcopy` of an algorithm
+    gives a function of the copied module (its buffers), not of the original."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.module = model  # for_vmap rebuilds f from it
+        self.stepped = takes_step(model)  # Adapter.f_at binds the step only where it is read
+
+    def __call__(self, params: Params, x: Tensor, step: int = 0) -> Tensor:
+        """The module's output at `params` (buffers taken from the module), after `step` inner updates."""
+        kwargs = {"step": step} if self.stepped else {}
+        return functional_call(self.module, (params, dict(self.module.named_buffers())), (x,), kwargs, strict=False)
+
+
 def functional(model: nn.Module) -> Model:
     """The module as a pure function `f(params, x)`; buffers are taken from the module. A module whose forward
     takes `step` (the number of inner updates its params have had) gets it as `f(params, x, step=k)`."""
-    stepped = takes_step(model)
-
-    def f(params: Params, x: Tensor, step: int = 0) -> Tensor:
-        kwargs = {"step": step} if stepped else {}
-        return functional_call(model, (params, dict(model.named_buffers())), (x,), kwargs, strict=False)
-
-    f.module = model  # type: ignore[attr-defined]  # for_vmap rebuilds f from it
-    f.stepped = stepped  # type: ignore[attr-defined]  # Adapter.f_at binds the step only where it is read
-    return f
+    return Functional(model)
 
 
 def batch_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
