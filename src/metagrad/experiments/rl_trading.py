@@ -93,7 +93,7 @@ def assets(cfg: TradingConfig) -> tuple[list[torch.Tensor], list[dict], list[str
     return series, info, missing
 
 
-def test_settings(cfg: TradingConfig, info: list[dict], days: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
+def held_out_windows(cfg: TradingConfig, info: list[dict], days: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
     """Test windows `[n, 2]` (asset, first test day) and each one's group: held-out simulated assets (any day
     after one window), real series after their training dates."""
     rows, groups = [], []
@@ -147,7 +147,7 @@ def run_trading(cfg: TradingConfig, run: Run) -> dict:
                   train_end=[d["train_end"] or int(p.shape[0] - 1) for d, p in zip(info, series)])
     maml, pooled = make(cfg, env, cfg.inner_steps), make(cfg, env, 0)
     seconds = {"MAML": train(maml, env, cfg, run, "MAML"), "pooled": train(pooled, env, cfg, run, "pooled")}
-    settings, groups = test_settings(cfg, info, env.days)
+    settings, groups = held_out_windows(cfg, info, env.days)
     support = settings - torch.tensor([0, cfg.window])  # the window before each test window
     n, W, seed = settings.shape[0], cfg.window, cfg.seed + 20_000
 
