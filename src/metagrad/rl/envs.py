@@ -18,6 +18,7 @@ running batch whose `reset() -> obs [tasks, episodes, obs_dim]` and `step(action
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -146,6 +147,134 @@ class _BanditBatch:
             reward = paid if last else torch.zeros_like(reward)
         done = torch.zeros(p.shape, dtype=torch.bool)
         return self.obs(), reward, done
+
+    def close(self) -> None:
+        pass
+
+
+class Trading:
+    """Trading on daily price series, each asset a task: a long / flat / short policy (3 actions: 0 short,
+    1 flat, 2 long) on features of the recent returns, with transaction costs.
+
+    `prices` is a list of `[days + 1]` series (one per asset). A task setting is a row `(asset, t0)` of a
+    long tensor `[tasks, 2]`: an episode trades the asset from day t0 for `horizon` days, starting flat. On
+    day t the policy observes `features(prices)[t]` (only prices up to day t; see `trading_features`) and
+    its current position, picks the position held from t to t + 1, and earns the reward
+
+        position_t * (p_{t+1} / p_t - 1)  -  cost * |position_t - position_{t-1}|,
+
+    the strategy's simple return that day. `sample_tasks` draws training settings: an asset of
+    `train_assets`, a t0 whose support window (t0 .. t0 + horizon) and query window (the `horizon` days
+    after it, `query_settings`) end before the asset's `train_end` day: walk-forward, the meta-objective
+    of MAMLRL is the return on the dates after the window it adapted on.
+    """
+
+    n_features = 8
+    obs_dim = n_features + 1
+    action_space: Space = Discrete(3)
+    lookback = 60
+
+    def __init__(self, prices: list[Tensor], horizon: int = 60, cost: float = 5e-4,
+                 train_assets: list[int] | None = None, train_end: list[int] | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        if int(horizon) != horizon or horizon < 2:
+            raise ValueError(f"horizon must be an integer >= 2, got {horizon!r}")
+        if not prices:
+            raise ValueError("Trading needs at least one price series")
+        for i, p in enumerate(prices):
+            if p.dim() != 1 or not (torch.isfinite(p).all() and (p > 0).all()):
+                raise ValueError(f"prices[{i}] must be a 1-D series of finite positive prices")
+        self.horizon, self.cost, self.dtype = int(horizon), float(cost), dtype
+        self.days = torch.tensor([p.shape[0] - 1 for p in prices])
+        width = int(self.days.max()) + 1
+        pad = [torch.cat([p.double(), p.new_full((width - p.shape[0],), float(p[-1])).double()]) for p in prices]
+        bank = torch.stack(pad)                                          # [assets, days + 1]
+        self.features = trading_features(bank).to(dtype)                 # [assets, days + 1, n_features]
+        gain = bank[:, 1:] / bank[:, :-1] - 1                            # gain[t] = p_{t+1} / p_t - 1
+        self.gains = torch.cat([gain, torch.zeros(len(prices), 1, dtype=torch.float64)], 1).to(dtype)
+        self.train_assets = list(range(len(prices))) if train_assets is None else [int(a) for a in train_assets]
+        self.train_end = [int(d) for d in self.days] if train_end is None else [int(d) for d in train_end]
+        for a in self.train_assets:
+            if self.train_end[a] - 2 * self.horizon < self.lookback:
+                raise ValueError(f"asset {a}: train_end {self.train_end[a]} leaves no room for a support and a query "
+                                 f"window of {self.horizon} days after the {self.lookback}-day lookback")
+
+    def sample_tasks(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """Training settings `[n, 2]` (asset, t0): an asset of `train_assets`, t0 uniform over the days whose
+        support and query windows end by the asset's `train_end`."""
+        pick = torch.randint(0, len(self.train_assets), (n,), generator=generator)
+        assets = torch.tensor(self.train_assets)[pick]
+        hi = torch.tensor(self.train_end)[assets] - 2 * self.horizon - self.lookback + 1
+        t0 = self.lookback + (torch.rand(n, generator=generator, dtype=torch.float64) * hi).long()
+        return torch.stack([assets, t0], 1)
+
+    def query_settings(self, settings: Tensor) -> Tensor:
+        """The walk-forward query of each task: the same asset, the `horizon` days after its support window."""
+        return settings + torch.tensor([0, self.horizon])
+
+    def batch(self, settings: Tensor, episodes: int, generator: torch.Generator | None = None) -> _TradingBatch:
+        """`episodes` episodes of every task `(asset, t0)` of `settings [tasks, 2]` (any number of days: an
+        episode may run until the asset's last day)."""
+        if settings.dim() != 2 or settings.shape[1] != 2 or settings.is_floating_point():
+            raise ValueError(f"Trading task settings are integer rows (asset, t0) of shape [tasks, 2], got "
+                             f"{tuple(settings.shape)} {settings.dtype}")
+        a, t0 = settings[:, 0], settings[:, 1]
+        if (a < 0).any() or (a >= len(self.days)).any():
+            raise ValueError(f"asset index out of range [0, {len(self.days)})")
+        if (t0 < self.lookback).any() or (t0 >= self.days[a]).any():
+            raise ValueError(f"every window must start on or after day {self.lookback} (the features' lookback) and "
+                             f"before the asset's last day")
+        return _TradingBatch(self, a, t0, int(episodes))
+
+
+def trading_features(prices: Tensor) -> Tensor:
+    """Features of day t from prices up to day t only: `[..., days + 1, 8]` (NaN-free from day 60 on).
+
+    With r_t = log(p_t / p_{t-1}) and v_t the 20-day std of r: r_{t-k} / v_t for k = 0..4; the 20-day
+    momentum (x_t - x_{t-20}) / (v_t sqrt(20)); the distance to the 20-day mean of log prices
+    (x_t - mean x_{t-19..t}) / (v_t sqrt(20)); log(v_t / v60_t) (volatility against its 60-day level);
+    each clipped to [-5, 5]. Days before the lookback are 0.
+    """
+    x = torch.log(prices.double())
+    r = torch.cat([torch.zeros_like(x[..., :1]), x[..., 1:] - x[..., :-1]], -1)   # r[t] = x_t - x_{t-1}
+
+    def trailing(v: Tensor, n: int) -> Tensor:  # windows ending at t: [..., days + 1, n], left-padded
+        padded = torch.cat([v[..., :1].expand(*v.shape[:-1], n - 1), v], -1)
+        return padded.unfold(-1, n, 1)
+
+    vol = trailing(r, 20).std(-1).clamp(min=1e-6)
+    vol60 = trailing(r, 60).std(-1).clamp(min=1e-6)
+    lags = [torch.cat([torch.zeros_like(r[..., :k]), r[..., :r.shape[-1] - k]], -1) / vol for k in range(5)]
+    x20 = torch.cat([x[..., :1].expand(*x.shape[:-1], 20), x[..., :-20]], -1)
+    mom = (x - x20) / (vol * math.sqrt(20))
+    dev = (x - trailing(x, 20).mean(-1)) / (vol * math.sqrt(20))
+    feats = torch.stack([*lags, mom, dev, torch.log(vol / vol60)], -1).clamp(-5, 5)
+    feats[..., :Trading.lookback, :] = 0
+    return feats
+
+
+class _TradingBatch:
+    def __init__(self, env: Trading, assets: Tensor, t0: Tensor, episodes: int) -> None:
+        self.env, self.assets, self.t0, self.episodes = env, assets, t0, episodes
+
+    def _obs(self) -> Tensor:
+        f = self.env.features[self.assets, self.t0 + self.k]                       # [tasks, n_features]
+        f = f.unsqueeze(1).expand(-1, self.episodes, -1)
+        return torch.cat([f, self.position.unsqueeze(-1)], -1)                       # [tasks, episodes, obs_dim]
+
+    def reset(self) -> Tensor:
+        self.k = 0
+        self.position = torch.zeros(self.assets.shape[0], self.episodes, dtype=self.env.dtype)
+        return self._obs()
+
+    def step(self, actions: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if (self.t0 + self.k >= self.env.days[self.assets]).any():
+            raise ValueError("Trading: an episode ran past its asset's last day (shorten the horizon)")
+        new = actions.to(self.env.dtype) - 1                                          # 0, 1, 2 -> -1, 0, +1
+        gain = self.env.gains[self.assets, self.t0 + self.k].unsqueeze(1)            # [tasks, 1]
+        reward = new * gain - self.env.cost * (new - self.position).abs()
+        self.position, self.k = new, self.k + 1
+        return self._obs(), reward, torch.zeros(reward.shape, dtype=torch.bool)
 
     def close(self) -> None:
         pass

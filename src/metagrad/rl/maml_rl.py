@@ -22,7 +22,9 @@ to first order in the inner rate only, but its variance is far lower (DiCE's ter
 by the score of every support action). `sampling_term="lvc"` is that estimator with ProMP's per-step
 likelihood ratio (LVC); `sampling_term="none"` is the original estimator (biased at first order).
 `order=1` is first-order MAML: the query loss's gradient at theta', applied to theta, no sampling term.
-`inner_steps=0` trains one policy on all tasks pooled (the pretrained baseline).
+`inner_steps=0` trains one policy on all tasks pooled (the pretrained baseline). An environment with
+`query_settings(settings)` (`Trading`) runs the query trajectories elsewhere than the support's: walk-forward,
+the dates after the window the policy adapted on.
 
 The outer step (`outer`, taken by `train_step`, so `train.meta_train` runs all three with checkpoints and
 resume): "gradient", any torch optimizer on `meta_gradient` (Adam in the experiments); "trpo", the MAML
@@ -118,6 +120,12 @@ class MAMLRL(Algorithm):
         traj = rollout(self.f, params, self.env, settings, self.episodes, self.space, generator, stacked)
         return add_advantages(traj, self.gamma, self.gae_lambda, self.baseline, self.normalize_advantages)
 
+    def query_settings(self, settings: Tensor) -> Tensor:
+        """Where each task's query trajectories run: the env's `query_settings` if it has one (`Trading`: the
+        dates after the support window), else the support's settings."""
+        fn = getattr(self.env, "query_settings", None)
+        return settings if fn is None else fn(settings)
+
     def sample_pre_and_post(self, settings: Tensor, iteration: int) -> tuple[Params, dict, Params, dict]:
         """What TRPO and PPO step on: theta_old, its support trajectories, the adapted policies theta_old_i'
         (no graph) and their query trajectories; with no inner step the query trajectories are the support."""
@@ -129,7 +137,7 @@ class MAMLRL(Algorithm):
             return theta0, support, {k: v.unsqueeze(0).expand(n, *v.shape) for k, v in theta0.items()}, support
         path = ExecPath.parse(self.path)
         adapted0 = core.map_tasks(lambda on, s: on.adapt(theta0, s), self.adapter(iteration, order=0), path, support)
-        return theta0, support, adapted0, self.sample(adapted0, settings, gen, stacked=True)
+        return theta0, support, adapted0, self.sample(adapted0, self.query_settings(settings), gen, stacked=True)
 
     def train_step(self, batch: Any, optimizer: torch.optim.Optimizer,
                    iteration: int | None = None) -> dict[str, float]:
@@ -160,8 +168,8 @@ class MAMLRL(Algorithm):
         support = self.sample(theta, settings, gen, stacked=False)
         # 2. theta_i' = inner policy-gradient steps on each task's support trajectories
         adapted = core.map_tasks(lambda on, s: on.adapt(theta, s), adapter, path, support)
-        # 3. query trajectories with each adapted policy
-        query = self.sample(adapted, settings, gen, stacked=True)
+        # 3. query trajectories with each adapted policy (on the dates after the support's, for a walk-forward env)
+        query = self.sample(adapted, self.query_settings(settings), gen, stacked=True)
         # 4. the meta-loss: the adapted policies' query loss (with the DiCE sampling term at order 2)
         data = core.Tasks(support, query)
         baseline = self._sampling_baseline(adapter, path, adapted, data.query)
@@ -211,6 +219,14 @@ class MAMLRL(Algorithm):
                             inner_lr: float | None = None) -> Tensor:
         """Meta-test: each task's mean return over K fresh trajectories after 0..`steps` policy-gradient steps,
         every step on trajectories sampled with the current policy: `[tasks, steps + 1]`."""
+        return self.adapt_by_sampling(settings, steps, seed, params, inner_lr)[1]
+
+    @torch.no_grad()
+    def adapt_by_sampling(self, settings: Tensor, steps: int, seed: int = 0, params: Params | None = None,
+                          inner_lr: float | None = None) -> tuple[Params, Tensor]:
+        """`steps` policy-gradient steps per task from `params` (default theta), each on K fresh trajectories of
+        the current policy: the adapted parameters stacked `[tasks, ...]` and the mean return of the K
+        trajectories before every step and after the last, `[tasks, steps + 1]`."""
         gen = torch.Generator().manual_seed(seed)
         theta = self.params() if params is None else params
         n = settings.shape[0]
@@ -226,4 +242,4 @@ class MAMLRL(Algorithm):
             if k < steps:
                 current = core.map_tasks(lambda on, p, s: on.adapt(p, s), adapter, ExecPath.parse(self.path),
                                          current, traj)
-        return torch.stack(out, 1)
+        return current, torch.stack(out, 1)

@@ -102,6 +102,12 @@ def sample(space: Space, out: Tensor, generator: torch.Generator | None = None) 
     return mean + torch.exp(log_std) * noise
 
 
+def mode(space: Space, out: Tensor) -> Tensor:
+    """The most likely action of the distribution `out`: the argmax logit (Discrete) or the mean (Box)."""
+    out = out.detach()
+    return out.argmax(-1) if isinstance(space, Discrete) else _gaussian(space, out)[0]
+
+
 def entropy(space: Space, out: Tensor) -> Tensor:
     """Entropy of the distribution `out`; shape `out.shape[:-1]`."""
     if isinstance(space, Discrete):

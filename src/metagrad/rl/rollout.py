@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.func import vmap
 
 from metagrad.rl import returns as R
-from metagrad.rl.policies import Space, check_output, sample
+from metagrad.rl.policies import Space, check_output, mode, sample
 
 Params = dict[str, Tensor]
 
@@ -33,8 +33,9 @@ def policy_outputs(f: Any, params: Params, obs: Tensor, stacked: bool) -> Tensor
 @torch.no_grad()
 def rollout(f: Any, params: Params, env: Any, settings: Tensor, episodes: int, space: Space,
             generator: torch.Generator | None = None, stacked: bool = False,
-            horizon: int | None = None) -> dict[str, Tensor]:
-    """`episodes` episodes of every task in `settings` with the policy `f(params, obs)` (see the module doc)."""
+            horizon: int | None = None, deterministic: bool = False) -> dict[str, Tensor]:
+    """`episodes` episodes of every task in `settings` with the policy `f(params, obs)` (see the module doc);
+    `deterministic` takes the most likely action (Discrete) or the mean (Box) instead of sampling."""
     horizon = int(horizon or env.horizon)
     params = {n: p.detach() for n, p in params.items()}
     batch = env.batch(settings, episodes, generator)
@@ -45,7 +46,7 @@ def rollout(f: Any, params: Params, env: Any, settings: Tensor, episodes: int, s
         for t in range(horizon):
             out = policy_outputs(f, params, obs.to(next(iter(params.values())).dtype), stacked)
             check_output(space, out)
-            actions = sample(space, out, generator)
+            actions = mode(space, out) if deterministic else sample(space, out, generator)
             next_obs, reward, done = batch.step(actions)
             reward = torch.as_tensor(reward)
             if not torch.isfinite(reward[alive]).all():
