@@ -140,13 +140,19 @@ def _partition(context: Context) -> int:
     return int(context.node_config.get("partition-id", 0))
 
 
+def _received(msg: Message, context: Context) -> tuple[dict, Any, S.Strategy, Any, dict[str, torch.Tensor]]:
+    """What both client handlers start from: the run config with the round's, the algorithm and strategy it
+    builds, this client's data and the meta-parameters received."""
+    config = {**dict(context.run_config), **dict(msg.content.get("config", ConfigRecord()))}
+    alg, strategy = build(config)
+    return config, alg, strategy, client_data(config, _partition(context)), from_record(
+        msg.content["arrays"], alg.meta_parameters())
+
+
 @client_app.train()
 def train(msg: Message, context: Context) -> Message:
     """One client's reply in a round: `client_update` of the meta-parameters received, on its own data."""
-    config = {**dict(context.run_config), **dict(msg.content.get("config", ConfigRecord()))}
-    alg, strategy = build(config)
-    data = client_data(config, _partition(context))
-    theta = from_record(msg.content["arrays"], alg.meta_parameters())
+    config, alg, strategy, data, theta = _received(msg, context)
     kept = context.state.get("metagrad", ConfigRecord())
     state = {"rounds": int(kept.get("rounds", 0))}
     update = S.client_update(strategy, alg, theta, data, int(config.get("server-round", 1)) - 1, state,
@@ -161,10 +167,7 @@ def train(msg: Message, context: Context) -> Message:
 @client_app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """A client's query loss after `eval-steps` local steps on its support split."""
-    config = {**dict(context.run_config), **dict(msg.content.get("config", ConfigRecord()))}
-    alg, strategy = build(config)
-    data = client_data(config, _partition(context))
-    theta = from_record(msg.content["arrays"], alg.meta_parameters())
+    _, alg, strategy, data, theta = _received(msg, context)
     metrics = S.client_evaluate(strategy, alg, theta, data)
     return Message(content=RecordDict({"metrics": MetricRecord({"num-examples": S.client_size(data), **metrics})}),
                    reply_to=msg)
