@@ -395,7 +395,8 @@ def main(argv: list[str] | None = None) -> None:
     models = MODELS if "all" in args.model else tuple(args.model)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {paths.default_workers()} cores; "
           f"meta-batch {args.meta_batch}, inner steps {args.inner_steps}, {args.repeats} repeats (median); "
-          f"load {os.getloadavg()[0]:.2f}")
+          f"load {os.getloadavg()[0]:.2f}; CPU kernels {torch.backends.cpu.get_cpu_capability()}, oneDNN bf16 "
+          f"{'yes' if paths.cpu_has_fast_bf16() else 'NO (bf16 convolutions fall back to a slow kernel)'}")
     rows = []
     for model_name in models:
         for order in args.order:

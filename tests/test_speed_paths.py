@@ -2,6 +2,8 @@
 in test_core.py) in float64, plus finite differences for the process-per-core path, and the accuracy
 cost of bfloat16 autocast measured against float64. (torchrun jobs: test_distributed.py.)"""
 
+import warnings
+
 import pytest
 import torch
 from helpers import finite_difference, rel_err
@@ -54,6 +56,35 @@ def test_path_specs_parse_and_bad_ones_are_refused():
     tracked = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4))
     with pytest.raises(ValueError, match="BatchNorm"):
         core.choose_path(tracked, 2, cpu, "vmap+bf16")
+
+
+def test_bf16_on_a_cpu_without_onednn_bf16_kernels_warns_for_conv_nets(monkeypatch):
+    """Without oneDNN bf16 kernels (an AVX2-only CPU) torch runs bf16 convolutions in its slow reference
+    kernel (6.6x slower per Omniglot meta-iteration, README): the user is told; MLPs and float32 are not affected."""
+    from metagrad import paths
+
+    cnn, mlp, cpu = small_cnn(), MLP((1, 4, 1)), torch.device("cpu")
+    monkeypatch.setattr(paths, "cpu_has_fast_bf16", lambda: False)
+    with pytest.warns(RuntimeWarning, match="slow reference kernel"):
+        assert core.choose_path(cnn, 2, cpu, "loop+bf16") == "loop+bf16"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        core.choose_path(cnn, 2, cpu, "loop")
+        core.choose_path(mlp, 2, cpu, "vmap+bf16")
+        monkeypatch.setattr(paths, "cpu_has_fast_bf16", lambda: True)
+        core.choose_path(cnn, 2, cpu, "loop+bf16")
+
+
+def test_the_bf16_kernel_check_matches_which_convolution_torch_runs():
+    """cpu_has_fast_bf16 is what decides torch's choice: oneDNN's convolution with it, the slow one without."""
+    from metagrad import paths
+
+    x, w = torch.randn(2, 1, 8, 8, dtype=torch.bfloat16), torch.randn(4, 1, 3, 3, dtype=torch.bfloat16)
+    with torch.profiler.profile() as prof:
+        nn.functional.conv2d(x, w, stride=2, padding=1)
+    ops = {e.key for e in prof.key_averages()}
+    assert ("aten::mkldnn_convolution" in ops) == paths.cpu_has_fast_bf16()
+    assert ("aten::_slow_conv2d_forward" in ops) == (not paths.cpu_has_fast_bf16())
 
 
 @pytest.mark.parametrize("faster", ["loop", "vmap"])
