@@ -18,6 +18,18 @@ ones are named and skipped, so the script always runs ours:
     .venv-bench/bin/python benchmarks/omniglot_budget.py --minutes 10 --tasks 5w1s
     python benchmarks/omniglot_budget.py --minutes 1 --eval-tasks 100   # a smoke run
 
+`--recipe paper|maml++` trains ours with an experiment's documented config on metagrad's own trainer
+instead of the peers' step: `omniglot-CELL` (the paper's settings) or `omniglot-CELL-maml++` (max-pool
+Conv4, 5 inner steps, learned per-layer per-step rates, multi-step loss, per-step batch norm, cosine-
+annealed outer rate), changed with `--set KEY=VALUE` as `metagrad run` takes them. A cosine schedule runs
+over the iterations that fit the budget (timed on the first 20); with `ensemble=K` the model is validated
+every `val_every` iterations (outside the budget) and the last point also tests the ensemble of the K best
+validation checkpoints. The peers still run the paper's MAML; each gets `--threads` threads:
+
+    .venv-bench/bin/python benchmarks/omniglot_budget.py --tasks 5w1s --minutes 30 --recipe paper \
+        --set lr_schedule=cosine --set min_outer_lr=1e-5 --set ensemble=5 --set val_every=250 --path vmap \
+        --peers learn2learn --eval-tasks 1000 --data ../shared/data --json runs/budget-5w1s-30.json
+
 `--side-by-side` runs the implementations of a task at the same time, each in its own process pinned
 to its own core with one thread: the same hardware for each, and half the wall time on 2 cores:
 
@@ -27,25 +39,32 @@ to its own core with one thread: the same hardware for each, and half the wall t
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import multiprocessing
 import os
+import statistics
 import time
 
 import torch
 from speed import PEER_STEPS, ours_step
 from torch import nn
 
-from metagrad import distributed
+from metagrad import distributed, experiments
 from metagrad.algorithms import MAML
-from metagrad.evaluation import evaluate
+from metagrad.evaluation import evaluate, evaluate_ensemble
+from metagrad.experiments import omniglot as experiment
 from metagrad.models import Conv4
 from metagrad.tasks.omniglot import Omniglot
+from metagrad.train import build, outer_lr_at
 
 # The MAML paper's settings per cell: inner_lr, inner_steps (train), eval_steps, meta_batch.
 CELLS = {"5w1s": (5, 1, 0.4, 1, 3, 32), "20w1s": (20, 1, 0.1, 5, 5, 16)}
 PUBLISHED = {"5w1s": 98.7, "20w1s": 95.8}  # MAML paper, table 1, after 60,000 iterations
 PEERS = ("learn2learn", "higher")
+RECIPES = {"paper": "omniglot-{cell}", "maml++": "omniglot-{cell}-maml++"}  # ours: an experiment's config
+PROBE = 20  # iterations timed before the cosine schedule's length is set to what fits the budget
 
 
 def available(peer: str) -> str | None:
@@ -60,8 +79,75 @@ def available(peer: str) -> str | None:
         return f"{type(err).__name__}: {err}"
 
 
+def train_recipe(cell: str, args: argparse.Namespace) -> dict:
+    """Meta-train ours with a documented recipe (an experiment's config) for the budget; evaluate at evenly spaced
+    points of it, and the ensemble of the best validation checkpoints at the last."""
+    overrides = {"path": args.path, "data": args.data, "device": args.device, "seed": args.seed, **dict(args.set)}
+    cfg = experiments.get(RECIPES[args.recipe].format(cell=cell)).make_config(overrides)
+    experiment.check(cfg)
+    algorithm, tasks = build(experiment.spec(cfg), seed=args.seed)
+    algorithm.to(args.device)
+    test = experiment.test_tasks(cfg)
+    fixed_val = experiment.Omniglot(split="val", **experiment.task_args(cfg)).sample(
+        cfg.val_tasks, torch.Generator().manual_seed(args.seed + 1))  # as meta_train's validation
+    optimizer = torch.optim.Adam(algorithm.parameters(), lr=cfg.outer_lr)
+    gen = torch.Generator().manual_seed(args.seed)
+    budget = args.minutes * 60
+    marks = [budget * (k + 1) / args.evals for k in range(args.evals)]
+    horizon = args.schedule_iterations  # 0: set after PROBE iterations, from their median time
+    trained, iterations, points, times, best = 0.0, 0, [], [], []
+    while marks:
+        batch = tasks.sample(cfg.meta_batch, gen).to(args.device)
+        t0 = time.perf_counter()
+        # Until the horizon is known the rate is outer_lr (the cosine's start); past it, the cosine's end.
+        lr = outer_lr_at(min(iterations, horizon), horizon, cfg.outer_lr, cfg.lr_schedule, cfg.min_outer_lr) \
+            if horizon else cfg.outer_lr
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        algorithm.train_step(batch, optimizer, iterations)  # as train.train_step: MSL etc. read the iteration
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        trained += times[-1]
+        iterations += 1
+        if not horizon and iterations == PROBE:
+            horizon = max(PROBE + 1, int(budget / statistics.median(times[PROBE // 4:])))
+            print(f"  metagrad {args.recipe} {cell}: {statistics.median(times[PROBE // 4:]):.3f} s per iteration: "
+                  f"the cosine schedule runs over {horizon} iterations", flush=True)
+        if cfg.ensemble and iterations % cfg.val_every == 0:
+            on_val = evaluate(algorithm, fixed_val).mean
+            best = sorted(best + [(on_val, iterations, copy.deepcopy(algorithm.state_dict()))],
+                          key=lambda b: (-b[0], b[1]))[: cfg.ensemble]
+        if trained >= marks[0]:
+            marks.pop(0)
+            episodes = torch.Generator().manual_seed(args.seed + 10_000)
+            r = evaluate(algorithm, test, args.eval_tasks, cfg.eval_steps, episodes)
+            points.append((trained, iterations, r.mean, r.ci95))
+            print(f"  metagrad {args.recipe} {cell}: {trained / 60:6.1f} min, {iterations:6d} iterations, "
+                  f"test accuracy {100 * r.mean:.2f} ± {100 * r.ci95:.2f}%", flush=True)
+    out = {"impl": f"metagrad ({args.recipe}{''.join(f', {k}={v}' for k, v in args.set)})", "cell": cell,
+           "points": points, "schedule_iterations": horizon}
+    if best:
+        members = []
+        for _, _, state in best:  # members run on the loop: forked workers are the trained algorithm's own
+            member, _ = build(experiment.spec(dataclasses.replace(cfg, path="loop")), seed=args.seed)
+            member.load_state_dict(state)
+            member.to(args.device)
+            members.append(member.train())
+        ens = evaluate_ensemble(members, test, args.eval_tasks, torch.Generator().manual_seed(args.seed + 10_000))
+        out["ensemble"] = {"iterations": [b[1] for b in best], "val": [b[0] for b in best],
+                           "mean": ens.mean, "ci95": ens.ci95}
+        print(f"  metagrad {args.recipe} {cell}: ensemble of the {len(best)} best validation checkpoints "
+              f"(iterations {[b[1] for b in best]}): {100 * ens.mean:.2f} ± {100 * ens.ci95:.2f}%", flush=True)
+    if hasattr(algorithm, "close"):
+        algorithm.close()
+    return out
+
+
 def train_and_evaluate(impl: str, cell: str, args: argparse.Namespace) -> dict:
     """Meta-train with `impl` for the budget; evaluate at evenly spaced points of it."""
+    if impl == "metagrad" and args.recipe:
+        return train_recipe(cell, args)
     ways, shots, inner_lr, inner_steps, eval_steps, meta_batch = CELLS[cell]
     task_args = dict(ways=ways, shots=shots, query_shots=shots, root=args.data or None, device=args.device)
     tasks, test = Omniglot(**task_args), Omniglot(split="test", **task_args)
@@ -124,6 +210,9 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     for r in rows:
         seconds, its = r["points"][-1][0], r["points"][-1][1]
         accs = [f"{100 * m:.2f} ± {100 * c:.2f}" for _, _, m, c in r["points"]]
+        if "ensemble" in r:
+            accs[-1] += f" (ensemble of {len(r['ensemble']['iterations'])}: {100 * r['ensemble']['mean']:.2f} ± " \
+                        f"{100 * r['ensemble']['ci95']:.2f})"
         print(f"| {r['cell']} | {r['impl']} | {its} | {3600 * its / seconds:.0f} | " + " | ".join(accs)
               + f" | {PUBLISHED[r['cell']]} |")
 
@@ -137,6 +226,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eval-tasks", type=int, default=600, help="test episodes per evaluation (the papers': 600)")
     p.add_argument("--path", default="auto",
                    help="metagrad's execution path (core.choose_path; 'auto' times loop and vmap on the first batches)")
+    p.add_argument("--recipe", default="", choices=["", *RECIPES],
+                   help="ours: '' the peers' MAML step; else the experiment omniglot-CELL (paper) or "
+                        "omniglot-CELL-maml++ on metagrad's own trainer, with its documented config")
+    p.add_argument("--set", action="append", default=[], type=lambda kv: tuple(kv.split("=", 1)),
+                   metavar="KEY=VALUE", help="--recipe: a config override, as `metagrad run --set`")
+    p.add_argument("--schedule-iterations", type=int, default=0,
+                   help="--recipe: the cosine schedule's length; 0: fit to the budget (timed on the first iterations)")
     p.add_argument("--outer-lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=0, help="torch threads for every implementation; 0: default")
     p.add_argument("--device", default="cpu")
