@@ -224,6 +224,33 @@ def test_vmap_bf16_for_mlp_is_close_to_float64(order, gen):
     assert 100 * fp32 < bf16 < 0.5
 
 
+def test_vmap_runs_the_tasks_as_one_batched_then_one_grouped_convolution(gen):
+    """The kernel-changing path of issue 14 is the vmap path: the support pass at the shared start is one
+    convolution over all tasks' images, and every pass with adapted (per-task) weights is one convolution
+    with a group per task, not a convolution per task as on the loop."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    calls = []
+
+    class Convolutions(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.convolution.default:
+                calls.append((args[0].shape[0], args[-1]))  # (images in the call, groups)
+            return func(*args, **(kwargs or {}))
+
+    tasks, batch = 3, image_batch(gen, tasks=3)  # 6 support and 9 query images per task
+    for path in ("vmap", "loop"):
+        alg = MAML(small_cnn("stride"), inner_lr=0.1, inner_steps=1, loss_fn=CE, path=path)
+        calls.clear()
+        with Convolutions():
+            alg.meta_backward(batch)
+        if path == "vmap":
+            assert (tasks * 6, 1) in calls and (9, tasks) in calls, sorted(set(calls))
+            assert (6, 1) not in calls and (9, 1) not in calls  # no convolution of one task alone
+        else:
+            assert (6, 1) in calls and (9, 1) in calls and {g for _, g in calls} == {1}, sorted(set(calls))
+
+
 def test_conv4_relu_after_maxpool_is_the_paper_block_exactly(gen):
     """Conv4 applies ReLU after max-pooling (faster); conv-BN-ReLU-pool must give the same meta-gradient."""
     model = small_cnn("max")
