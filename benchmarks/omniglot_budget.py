@@ -45,6 +45,7 @@ import json
 import multiprocessing
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -57,7 +58,7 @@ from metagrad.evaluation import evaluate, evaluate_ensemble
 from metagrad.experiments import omniglot as experiment
 from metagrad.models import Conv4
 from metagrad.tasks.omniglot import Omniglot
-from metagrad.train import build, outer_lr_at
+from metagrad.train import build, train_step
 
 # The MAML paper's settings per cell: inner_lr, inner_steps (train), eval_steps, meta_batch.
 CELLS = {"5w1s": (5, 1, 0.4, 1, 3, 32), "20w1s": (20, 1, 0.1, 5, 5, 16)}
@@ -99,20 +100,18 @@ def train_recipe(cell: str, args: argparse.Namespace) -> dict:
     while marks:
         batch = tasks.sample(cfg.meta_batch, gen).to(args.device)
         t0 = time.perf_counter()
-        # Until the horizon is known the rate is outer_lr (the cosine's start); past it, the cosine's end.
-        lr = outer_lr_at(min(iterations, horizon), horizon, cfg.outer_lr, cfg.lr_schedule, cfg.min_outer_lr) \
-            if horizon else cfg.outer_lr
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        algorithm.train_step(batch, optimizer, iterations)  # as train.train_step: MSL etc. read the iteration
+        # Until the horizon is known the rate is outer_lr (the cosine's start); past it, the cosine's floor.
+        train_step(algorithm, batch, optimizer, iterations, horizon or sys.maxsize, cfg.outer_lr, cfg.lr_schedule,
+                   cfg.min_outer_lr)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
         trained += times[-1]
         iterations += 1
         if not horizon and iterations == PROBE:
-            horizon = max(PROBE + 1, int(budget / statistics.median(times[PROBE // 4:])))
-            print(f"  metagrad {args.recipe} {cell}: {statistics.median(times[PROBE // 4:]):.3f} s per iteration: "
+            per_iteration = statistics.median(times[PROBE // 4:])
+            horizon = max(PROBE + 1, int(budget / per_iteration))
+            print(f"  metagrad {args.recipe} {cell}: {per_iteration:.3f} s per iteration: "
                   f"the cosine schedule runs over {horizon} iterations", flush=True)
         if cfg.ensemble and iterations % cfg.val_every == 0:
             on_val = evaluate(algorithm, fixed_val).mean

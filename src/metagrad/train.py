@@ -60,8 +60,9 @@ def outer_lr_at(iteration: int, iterations: int, outer_lr: float, schedule: str 
         return outer_lr
     check_lr_schedule(outer_lr, schedule, min_outer_lr)
     # torch's CosineAnnealingLR with T_max = iterations, as a function of the iteration alone: a resumed
-    # run needs no scheduler state to continue on the same curve.
-    progress = iteration / max(iterations, 1)
+    # run needs no scheduler state to continue on the same curve. Past its end it stays at the floor (a run
+    # timed to a budget may outlast the iterations it was scheduled for).
+    progress = min(iteration / max(iterations, 1), 1.0)
     return min_outer_lr + (outer_lr - min_outer_lr) * (1 + math.cos(math.pi * progress)) / 2
 
 
