@@ -127,6 +127,7 @@ def choose_path(model: nn.Module, order: int, device: torch.device, path: str | 
             "batch norm with running_stats=True): vmap cannot write them in place and forked workers would keep "
             "them to themselves. Use path='loop' (or 'auto'), or running_stats=False.")
     vmap_ok = not (order >= 2 and has_native_batchnorm(model)) and not writes
+    convs = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
     if p.base == "vmap" and not vmap_ok:
         raise ValueError(
             "path='vmap' with order=2 is refused for models with a torch BatchNorm that tracks running "
@@ -134,7 +135,6 @@ def choose_path(model: nn.Module, order: int, device: torch.device, path: str | 
             "path='loop', BatchNorm with track_running_stats=False, or metagrad.models.TaskBatchNorm."
         )
     if p.base == "auto":
-        convs = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
         p = p.replace(base="vmap" if vmap_ok and (device.type == "cuda" or not convs) else "loop")
     if p.cl and p.base == "vmap":
         raise ValueError("path option 'cl' (channels-last) runs on the loop path only: torch.func.vmap cannot "
@@ -142,8 +142,7 @@ def choose_path(model: nn.Module, order: int, device: torch.device, path: str | 
                          "use 'loop+cl' or 'vmap'")
     if p.bf16 and device.type not in ("cpu", "cuda"):
         raise ValueError(f"path option 'bf16' needs a CPU or CUDA device, the model is on {device}")
-    if p.bf16 and device.type == "cpu" and not cpu_has_fast_bf16() \
-            and any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules()):
+    if p.bf16 and convs and device.type == "cpu" and not cpu_has_fast_bf16():
         warnings.warn(SLOW_BF16, RuntimeWarning, stacklevel=2)
     return p
 
