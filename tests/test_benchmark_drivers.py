@@ -1,0 +1,42 @@
+"""The benchmark drivers' own arithmetic: a MAML++ ablation is scheduled over the iterations its budget holds."""
+
+import importlib.util
+from pathlib import Path
+
+from metagrad.experiments import get
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ablation_schedules_every_row_over_the_iterations_that_fit_its_budget(tmp_path, capsys):
+    ab = load("maml_pp_ablation")
+    cfg = get(ab.EXPERIMENT).make_config()
+    assert (cfg.iterations, cfg.multi_step_loss_iters) == (125000, 10000)  # the MAML++ code's 20-way schedule
+    assert ab.fitted(5000, cfg) == {"iterations": 5000, "multi_step_loss_iters": 400}
+    assert ab.rows(5000)["+DA"] == {"order_anneal_iters": 1666}
+
+    calls = []
+
+    def fake_run_row(name, changes, base, out):  # the probe: 10 iterations in 25 s; each row: what it was given
+        calls.append((name, {**base, **changes}))
+        if name == "probe":
+            return {"train_seconds": 25.0, "iterations": 10}
+        return {"accuracy": 0.9, "ci95": 0.01, "iterations": base["iterations"], "train_seconds": 3600.0}
+
+    ab.run_row = fake_run_row
+    ab.main(["--minutes", "60", "--out", str(tmp_path), "--rows=+DA,-CA"])
+    (probe_name, probe), *runs = calls
+    assert probe_name == "probe" and probe["iterations"] == ab.PROBE and probe["budget_minutes"] == 0
+    assert [name for name, _ in runs] == ["full", "+DA", "-CA"]
+    for _, config in runs:  # 60 min at 2.5 s per iteration: 1,440 iterations, the MSL 10,000/125,000 of them
+        assert (config["iterations"], config["multi_step_loss_iters"], config["budget_minutes"]) == (1440, 115, 60)
+    assert runs[1][1]["order_anneal_iters"] == 480 and runs[2][1]["lr_schedule"] == "constant"
+    table = (tmp_path / "ablation.md").read_text()
+    assert "scheduled over 1440 iterations (multi-step loss for the first 115)" in table
