@@ -111,8 +111,9 @@ def train_recipe(cell: str, args: argparse.Namespace) -> dict:
         if not horizon and iterations == PROBE:
             per_iteration = statistics.median(times[PROBE // 4:])
             horizon = max(PROBE + 1, int(budget / per_iteration))
-            print(f"  metagrad {args.recipe} {cell}: {per_iteration:.3f} s per iteration: "
-                  f"the cosine schedule runs over {horizon} iterations", flush=True)
+            print(f"  metagrad {args.recipe} {cell}: {per_iteration:.3f} s per iteration"
+                  + (f": the cosine schedule runs over {horizon} iterations" if cfg.lr_schedule == "cosine" else ""),
+                  flush=True)
         if cfg.ensemble and iterations % cfg.val_every == 0:
             on_val = evaluate(algorithm, fixed_val).mean
             best = sorted(best + [(on_val, iterations, copy.deepcopy(algorithm.state_dict()))],

@@ -19,7 +19,7 @@ def test_ablation_schedules_every_row_over_the_iterations_that_fit_its_budget(tm
     ab = load("maml_pp_ablation")
     cfg = get(ab.EXPERIMENT).make_config()
     assert (cfg.iterations, cfg.multi_step_loss_iters) == (125000, 10000)  # the MAML++ code's 20-way schedule
-    assert ab.fitted(5000, cfg) == {"iterations": 5000, "multi_step_loss_iters": 400}
+    assert ab.fitted(5000, cfg) == {"iterations": 5000, "multi_step_loss_iters": 400, "val_every": 500}
     assert ab.rows(5000)["+DA"] == {"order_anneal_iters": 1666}
 
     calls = []
@@ -36,7 +36,8 @@ def test_ablation_schedules_every_row_over_the_iterations_that_fit_its_budget(tm
     assert probe_name == "probe" and probe["iterations"] == ab.PROBE and probe["budget_minutes"] == 0
     assert [name for name, _ in runs] == ["full", "+DA", "-CA"]
     for _, config in runs:  # 60 min at 2.5 s per iteration: 1,440 iterations, the MSL 10,000/125,000 of them
-        assert (config["iterations"], config["multi_step_loss_iters"], config["budget_minutes"]) == (1440, 115, 60)
+        assert (config["iterations"], config["multi_step_loss_iters"], config["val_every"]) == (1440, 115, 144)
+        assert config["budget_minutes"] == 60
     assert runs[1][1]["order_anneal_iters"] == 480 and runs[2][1]["lr_schedule"] == "constant"
     table = (tmp_path / "ablation.md").read_text()
     assert "scheduled over 1440 iterations (multi-step loss for the first 115)" in table
