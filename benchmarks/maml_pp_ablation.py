@@ -38,6 +38,7 @@ import sys
 from pathlib import Path
 
 from metagrad.cli import main as metagrad_main
+from metagrad.cli import parse_sets
 from metagrad.experiments import get
 
 EXPERIMENT = "omniglot-20w1s-maml++"
@@ -127,6 +128,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--path", default="loop", help="execution path of every run but the BNRS row's, whose "
                                                   "in-place statistics need 'loop' ('auto', 'parallel', 'vmap')")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config change for every row, as `metagrad run --set` (e.g. curve_steps=5)")
     p.add_argument("--smoke", action="store_true", help="a few iterations on a tiny net: checks the driver only")
     p.add_argument("--iterations", type=int, default=0, help="the schedule's length in every run (the cosine, "
                    "the multi-step loss's share, +DA's third); 0: what fits --minutes, timed on a short run")
@@ -136,6 +139,7 @@ def main(argv: list[str] | None = None) -> None:
             "path": args.path}
     if args.data:
         base["data"] = args.data
+    base.update(parse_sets(args.set))
     chosen = ["full"] + [r for r in (args.rows.split(",") if args.rows else rows(1)) if r != "full"]
     unknown = sorted(set(chosen) - set(rows(1)))
     if unknown:

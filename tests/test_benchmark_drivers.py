@@ -31,13 +31,13 @@ def test_ablation_schedules_every_row_over_the_iterations_that_fit_its_budget(tm
         return {"accuracy": 0.9, "ci95": 0.01, "iterations": base["iterations"], "train_seconds": 3600.0}
 
     ab.run_row = fake_run_row
-    ab.main(["--minutes", "60", "--out", str(tmp_path), "--rows=+DA,-CA"])
+    ab.main(["--minutes", "60", "--out", str(tmp_path), "--rows=+DA,-CA", "--set", "curve_steps=5"])
     (probe_name, probe), *runs = calls
     assert probe_name == "probe" and probe["iterations"] == ab.PROBE and probe["budget_minutes"] == 0
     assert [name for name, _ in runs] == ["full", "+DA", "-CA"]
     for _, config in runs:  # 60 min at 2.5 s per iteration: 1,440 iterations, the MSL 10,000/125,000 of them
         assert (config["iterations"], config["multi_step_loss_iters"], config["val_every"]) == (1440, 115, 144)
-        assert config["budget_minutes"] == 60
+        assert (config["budget_minutes"], config["curve_steps"]) == (60, "5")
     assert runs[1][1]["order_anneal_iters"] == 480 and runs[2][1]["lr_schedule"] == "constant"
     table = (tmp_path / "ablation.md").read_text()
     assert "scheduled over 1440 iterations (multi-step loss for the first 115)" in table
