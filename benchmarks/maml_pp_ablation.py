@@ -139,15 +139,16 @@ def main(argv: list[str] | None = None) -> None:
             "path": args.path}
     if args.data:
         base["data"] = args.data
-    base.update(parse_sets(args.set))
+    sets = parse_sets(args.set)
+    base.update(sets)
     chosen = ["full"] + [r for r in (args.rows.split(",") if args.rows else rows(1)) if r != "full"]
     unknown = sorted(set(chosen) - set(rows(1)))
     if unknown:
         p.error(f"unknown rows {unknown}; known: {list(rows(1))}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    iterations = base.get("iterations") or args.iterations or iterations_in(args.minutes, base, out)
-    base.update(fitted(iterations, cfg))
+    iterations = int(base.get("iterations") or args.iterations or iterations_in(args.minutes, base, out))
+    base.update({**fitted(iterations, cfg), **sets})  # what --set names stays as set
     print(f"every run is scheduled over {iterations} iterations", file=sys.stderr, flush=True)
     grid = rows(iterations)
     results = {name: run_row(name, grid[name], base, out) for name in chosen}

@@ -41,3 +41,11 @@ def test_ablation_schedules_every_row_over_the_iterations_that_fit_its_budget(tm
     assert runs[1][1]["order_anneal_iters"] == 480 and runs[2][1]["lr_schedule"] == "constant"
     table = (tmp_path / "ablation.md").read_text()
     assert "scheduled over 1440 iterations (multi-step loss for the first 115)" in table
+
+    calls.clear()  # --set wins over the fitted schedule, and a schedule length set so needs no probe
+    ab.main(["--minutes", "60", "--out", str(tmp_path), "--rows=-MSL", "--set", "iterations=300",
+             "--set", "val_every=100"])
+    assert [name for name, _ in calls] == ["full", "-MSL"]
+    full = calls[0][1]
+    assert (full["iterations"], full["multi_step_loss_iters"], full["val_every"]) == ("300", 24, "100")
+    assert calls[1][1]["multi_step_loss_iters"] == 0
