@@ -40,16 +40,9 @@ from pathlib import Path
 from metagrad.cli import main as metagrad_main
 from metagrad.cli import parse_sets
 from metagrad.experiments import get
+from metagrad.experiments.omniglot import fitted_schedule
 
 EXPERIMENT = "omniglot-20w1s-maml++"
-
-
-def fitted(iterations: int, cfg) -> dict:
-    """The full configuration's schedule over `iterations`: the cosine's length, the multi-step loss's share, and
-    VALIDATIONS validations (the ensemble's best checkpoints are picked among them)."""
-    return {"iterations": iterations,
-            "multi_step_loss_iters": max(1, round(cfg.multi_step_loss_iters * iterations / cfg.iterations)),
-            "val_every": max(1, iterations // VALIDATIONS)}
 
 
 def rows(iterations: int) -> dict[str, dict]:
@@ -148,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     iterations = int(base.get("iterations") or args.iterations or iterations_in(args.minutes, base, out))
-    base.update({**fitted(iterations, cfg), **sets})  # what --set names stays as set
+    base.update({**fitted_schedule(cfg, iterations, VALIDATIONS), **sets})  # what --set names stays as set
     print(f"every run is scheduled over {iterations} iterations", file=sys.stderr, flush=True)
     grid = rows(iterations)
     results = {name: run_row(name, grid[name], base, out) for name in chosen}

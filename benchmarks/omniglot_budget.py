@@ -21,10 +21,13 @@ ones are named and skipped, so the script always runs ours:
 `--recipe paper|maml++` trains ours with an experiment's documented config on metagrad's own trainer
 instead of the peers' step: `omniglot-CELL` (the paper's settings) or `omniglot-CELL-maml++` (max-pool
 Conv4, 5 inner steps, learned per-layer per-step rates, multi-step loss, per-step batch norm, cosine-
-annealed outer rate), changed with `--set KEY=VALUE` as `metagrad run` takes them. A cosine schedule runs
-over the iterations that fit the budget (timed on the first 20); with `ensemble=K` the model is validated
-every `val_every` iterations (outside the budget) and the last point also tests the ensemble of the K best
-validation checkpoints. The peers still run the paper's MAML; each gets `--threads` threads:
+annealed outer rate), changed with `--set KEY=VALUE` as `metagrad run` takes them. A schedule (a cosine, the
+multi-step loss, a first-order warm-up) is scaled to the iterations that fit the budget, as in
+benchmarks/maml_pp_ablation.py (`experiments.omniglot.fitted_schedule`; the iterations: timed on 20 of a
+throwaway run before the budget starts, or `--schedule-iterations`); what `--set` names stays as set. With
+`ensemble=K` the model is validated every `val_every` iterations (10 times over a fitted schedule; outside the
+budget) and the last point also tests the ensemble of the K best validation checkpoints. The peers still run
+the paper's MAML; each gets `--threads` threads:
 
     .venv-bench/bin/python benchmarks/omniglot_budget.py --tasks 5w1s --minutes 30 --recipe paper \
         --set lr_schedule=cosine --set min_outer_lr=1e-5 --set ensemble=5 --set val_every=250 --path vmap \
@@ -65,7 +68,8 @@ CELLS = {"5w1s": (5, 1, 0.4, 1, 3, 32), "20w1s": (20, 1, 0.1, 5, 5, 16)}
 PUBLISHED = {"5w1s": 98.7, "20w1s": 95.8}  # MAML paper, table 1, after 60,000 iterations
 PEERS = ("learn2learn", "higher")
 RECIPES = {"paper": "omniglot-{cell}", "maml++": "omniglot-{cell}-maml++"}  # ours: an experiment's config
-PROBE = 20  # iterations timed before the cosine schedule's length is set to what fits the budget
+PROBE = 20  # iterations of a throwaway run timed to fit a schedule to the budget
+VALIDATIONS = 10  # with an ensemble: validations spread over a fitted schedule, its checkpoints' candidates
 
 
 def available(peer: str) -> str | None:
@@ -80,12 +84,52 @@ def available(peer: str) -> str | None:
         return f"{type(err).__name__}: {err}"
 
 
+def probe_iterations(cfg, args: argparse.Namespace) -> int:
+    """How many iterations of `cfg` fit the budget: the median time of PROBE iterations of a throwaway run."""
+    algorithm, tasks = build(experiment.spec(cfg), seed=args.seed)
+    algorithm.to(args.device)
+    optimizer = torch.optim.Adam(algorithm.parameters(), lr=cfg.outer_lr)
+    gen, times = torch.Generator().manual_seed(args.seed), []
+    for it in range(PROBE):
+        batch = tasks.sample(cfg.meta_batch, gen).to(args.device)
+        t0 = time.perf_counter()
+        train_step(algorithm, batch, optimizer, it, cfg.iterations, cfg.outer_lr, cfg.lr_schedule, cfg.min_outer_lr)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    if hasattr(algorithm, "close"):
+        algorithm.close()
+    per_iteration = statistics.median(times[PROBE // 4:])  # the first iterations warm up
+    return max(PROBE, int(args.minutes * 60 / per_iteration))
+
+
+def recipe_config(cell: str, args: argparse.Namespace) -> tuple[experiment.OmniglotConfig, int]:
+    """The recipe's config for `cell` with --set applied and its schedule fitted to the budget; the schedule's
+    length (0: nothing depends on one)."""
+    sets = dict(args.set)
+    overrides = {"path": args.path, "data": args.data, "device": args.device, "seed": args.seed, **sets}
+    cfg = experiments.get(RECIPES[args.recipe].format(cell=cell)).make_config(overrides)
+    experiment.check(cfg)
+    # The schedule (the cosine, the multi-step loss's and the warm-up's shares, the ensemble's validations) is
+    # scaled to the iterations that fit the budget; what --set names stays as set.
+    horizon = args.schedule_iterations or int(sets.get("iterations", 0))
+    validations = VALIDATIONS if cfg.ensemble and "val_every" not in sets else 0
+    scheduled = set(experiment.fitted_schedule(cfg, 1, validations)) - {"iterations"} - set(sets)
+    if not horizon and (cfg.lr_schedule == "cosine" or scheduled):
+        horizon = probe_iterations(cfg, args)
+    if horizon:
+        fitted = experiment.fitted_schedule(cfg, horizon, validations)
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in fitted.items() if k not in sets or k == "iterations"})
+        print(f"  metagrad {args.recipe} {cell}: scheduled over {horizon} iterations ("
+              + ", ".join(f"{k}={getattr(cfg, k)}" for k in ("lr_schedule", "multi_step_loss_iters",
+                                                             "order_anneal_iters", "val_every")) + ")", flush=True)
+    return cfg, horizon
+
+
 def train_recipe(cell: str, args: argparse.Namespace) -> dict:
     """Meta-train ours with a documented recipe (an experiment's config) for the budget; evaluate at evenly spaced
     points of it, and the ensemble of the best validation checkpoints at the last."""
-    overrides = {"path": args.path, "data": args.data, "device": args.device, "seed": args.seed, **dict(args.set)}
-    cfg = experiments.get(RECIPES[args.recipe].format(cell=cell)).make_config(overrides)
-    experiment.check(cfg)
+    cfg, horizon = recipe_config(cell, args)
     algorithm, tasks = build(experiment.spec(cfg), seed=args.seed)
     algorithm.to(args.device)
     test = experiment.test_tasks(cfg)
@@ -95,12 +139,11 @@ def train_recipe(cell: str, args: argparse.Namespace) -> dict:
     gen = torch.Generator().manual_seed(args.seed)
     budget = args.minutes * 60
     marks = [budget * (k + 1) / args.evals for k in range(args.evals)]
-    horizon = args.schedule_iterations  # 0: set after PROBE iterations, from their median time
     trained, iterations, points, times, best = 0.0, 0, [], [], []
     while marks:
         batch = tasks.sample(cfg.meta_batch, gen).to(args.device)
         t0 = time.perf_counter()
-        # Until the horizon is known the rate is outer_lr (the cosine's start); past it, the cosine's floor.
+        # No horizon: nothing depends on one (a constant rate). Past a horizon: the cosine's floor.
         train_step(algorithm, batch, optimizer, iterations, horizon or sys.maxsize, cfg.outer_lr, cfg.lr_schedule,
                    cfg.min_outer_lr)
         if args.device.startswith("cuda"):
@@ -108,11 +151,8 @@ def train_recipe(cell: str, args: argparse.Namespace) -> dict:
         times.append(time.perf_counter() - t0)
         trained += times[-1]
         iterations += 1
-        if not horizon and iterations == PROBE:
-            per_iteration = statistics.median(times[PROBE // 4:])
-            horizon = max(PROBE + 1, int(budget / per_iteration))
-            print(f"  metagrad {args.recipe} {cell}: {per_iteration:.3f} s per iteration"
-                  + (f": the cosine schedule runs over {horizon} iterations" if cfg.lr_schedule == "cosine" else ""),
+        if iterations == PROBE:
+            print(f"  metagrad {args.recipe} {cell}: {statistics.median(times[PROBE // 4:]):.3f} s per iteration",
                   flush=True)
         if cfg.ensemble and iterations % cfg.val_every == 0:
             on_val = evaluate(algorithm, fixed_val).mean
@@ -232,7 +272,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--set", action="append", default=[], type=lambda kv: tuple(kv.split("=", 1)),
                    metavar="KEY=VALUE", help="--recipe: a config override, as `metagrad run --set`")
     p.add_argument("--schedule-iterations", type=int, default=0,
-                   help="--recipe: the cosine schedule's length; 0: fit to the budget (timed on the first iterations)")
+                   help="--recipe: the schedule's length (the cosine, the multi-step loss's and warm-up's shares); "
+                        "0: what fits the budget, timed on a short throwaway run")
     p.add_argument("--outer-lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=0, help="torch threads for every implementation; 0: default")
     p.add_argument("--device", default="cpu")

@@ -1,9 +1,11 @@
 """The benchmark drivers' own arithmetic: a MAML++ ablation is scheduled over the iterations its budget holds."""
 
+import argparse
 import importlib.util
 from pathlib import Path
 
 from metagrad.experiments import get
+from metagrad.experiments.omniglot import fitted_schedule
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,7 +21,7 @@ def test_ablation_schedules_every_row_over_the_iterations_that_fit_its_budget(tm
     ab = load("maml_pp_ablation")
     cfg = get(ab.EXPERIMENT).make_config()
     assert (cfg.iterations, cfg.multi_step_loss_iters) == (125000, 10000)  # the MAML++ code's 20-way schedule
-    assert ab.fitted(5000, cfg) == {"iterations": 5000, "multi_step_loss_iters": 400, "val_every": 500}
+    assert fitted_schedule(cfg, 5000, 10) == {"iterations": 5000, "multi_step_loss_iters": 400, "val_every": 500}
     assert ab.rows(5000)["+DA"] == {"order_anneal_iters": 1666}
 
     calls = []
@@ -49,3 +51,32 @@ def test_ablation_schedules_every_row_over_the_iterations_that_fit_its_budget(tm
     full = calls[0][1]
     assert (full["iterations"], full["multi_step_loss_iters"], full["val_every"]) == ("300", 24, "100")
     assert calls[1][1]["multi_step_loss_iters"] == 0
+
+
+def test_budget_recipe_fits_the_maml_plus_plus_schedule_to_its_budget(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # the driver imports its sibling speed.py
+    ob = load("omniglot_budget")
+    probed = []
+
+    def fake_probe(cfg, args):  # 700 iterations fit the budget
+        probed.append(cfg)
+        return 700
+
+    monkeypatch.setattr(ob, "probe_iterations", fake_probe)
+
+    def config(recipe, *sets, **kw):
+        args = argparse.Namespace(recipe=recipe, set=[tuple(s.split("=", 1)) for s in sets], path="loop", data="",
+                                  device="cpu", seed=0, minutes=60.0, schedule_iterations=kw.get("length", 0))
+        return ob.recipe_config("20w1s", args)
+
+    cfg, horizon = config("maml++")  # the MSL keeps its 10,000/125,000 share, 10 validations for the ensemble
+    assert len(probed) == 1 and horizon == 700
+    assert (cfg.iterations, cfg.multi_step_loss_iters, cfg.val_every, cfg.lr_schedule) == (700, 56, 70, "cosine")
+    cfg, _ = config("maml++", "multi_step_loss_iters=0", "val_every=100", length=350)  # --set wins, no probe
+    assert len(probed) == 1 and (cfg.iterations, cfg.multi_step_loss_iters, cfg.val_every) == (350, 0, 100)
+    cfg, _ = config("maml++", "algorithm=maml", "order_anneal_iters=40000", "multi_step_loss_iters=20000", length=1000)
+    assert (cfg.multi_step_loss_iters, cfg.order_anneal_iters) == (20000, 40000)
+    cfg, horizon = config("paper", "order_anneal_iters=500")  # constant rate, warm-up as set: nothing to fit
+    assert len(probed) == 1 and horizon == 0 and (cfg.order_anneal_iters, cfg.iterations) == (500, 60000)
+    cfg, _ = config("paper", "algorithm=maml++", length=600)  # a None stands for MAML++'s defaults, scaled
+    assert (cfg.multi_step_loss_iters, cfg.order_anneal_iters) == (50, 250)

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from metagrad.algorithms import MAML_PLUS_PLUS
 from metagrad.evaluation import EvalResult, evaluate, evaluate_ensemble
 from metagrad.experiments import experiment
 from metagrad.runs import Run
@@ -160,6 +161,24 @@ def spec(cfg: OmniglotConfig) -> dict:
         model_args.update(per_step_bn=cfg.inner_steps + 1, running_stats=cfg.running_stats)
     return {"algorithm": cfg.algorithm, "algorithm_args": args, "model": "conv4", "model_args": model_args,
             "tasks": "omniglot", "task_args": task_args(cfg)}
+
+
+def fitted_schedule(cfg: OmniglotConfig, iterations: int, validations: int = 0) -> dict:
+    """The config changes that scale `cfg`'s schedule to `iterations`: its length (the cosine's), the multi-step
+    loss's and the first-order warm-up's shares of it, and `validations` evenly spaced validations (0: as set)."""
+    # A wall-time budget holds far fewer iterations than the papers' schedules (125,000 for 20-way MAML++):
+    # scaled to the 60,000 absolute iterations an hour's run would have the multi-step loss throughout, a
+    # constant rate, and a warm-up that never ends.
+    out: dict = {"iterations": iterations}
+    for key in ("multi_step_loss_iters", "order_anneal_iters"):
+        value = getattr(cfg, key)
+        if value is None and cfg.algorithm == "maml++":  # None: the algorithm's default
+            value = MAML_PLUS_PLUS[key]
+        if value:
+            out[key] = max(1, round(value * iterations / cfg.iterations))
+    if validations:
+        out["val_every"] = max(1, iterations // validations)
+    return out
 
 
 def test_tasks(cfg: OmniglotConfig) -> Omniglot:
