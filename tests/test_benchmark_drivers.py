@@ -80,3 +80,14 @@ def test_budget_recipe_fits_the_maml_plus_plus_schedule_to_its_budget(monkeypatc
     assert len(probed) == 1 and horizon == 0 and (cfg.order_anneal_iters, cfg.iterations) == (500, 60000)
     cfg, _ = config("paper", "algorithm=maml++", length=600)  # a None stands for MAML++'s defaults, scaled
     assert (cfg.multi_step_loss_iters, cfg.order_anneal_iters) == (50, 250)
+
+
+def test_bf16_profile_builds_the_workloads_shapes_and_sorts_kernels_by_kind():
+    bp = load("bf16_profile")
+    model, batch, inner_lr, steps = bp.problem("paper-20w1s")  # the MAML paper's 20-way: 1 query per class
+    assert batch.support_x.shape == (16, 20, 1, 28, 28) and batch.query_x.shape == (16, 20, 1, 28, 28)
+    assert (inner_lr, steps, model(batch.query_x[0]).shape) == (0.1, 5, (20, 20))
+    assert [bp.kind(op) for op in ("aten::convolution_backward", "aten::mkldnn_convolution", "aten::copy_",
+                                   "aten::native_batch_norm_backward", "aten::threshold_backward",
+                                   "aten::max_pool2d_with_indices", "aten::mul")] == \
+        ["convolution", "convolution", "dtype casts", "batch norm", "ReLU", "max-pool", "other"]
