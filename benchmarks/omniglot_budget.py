@@ -84,7 +84,7 @@ def available(peer: str) -> str | None:
         return f"{type(err).__name__}: {err}"
 
 
-def probe_iterations(cfg, args: argparse.Namespace) -> int:
+def probe_iterations(cfg: experiment.OmniglotConfig, args: argparse.Namespace) -> int:
     """How many iterations of `cfg` fit the budget: the median time of PROBE iterations of a throwaway run."""
     algorithm, tasks = build(experiment.spec(cfg), seed=args.seed)
     algorithm.to(args.device)

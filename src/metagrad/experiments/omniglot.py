@@ -166,9 +166,9 @@ def spec(cfg: OmniglotConfig) -> dict:
 def fitted_schedule(cfg: OmniglotConfig, iterations: int, validations: int = 0) -> dict:
     """The config changes that scale `cfg`'s schedule to `iterations`: its length (the cosine's), the multi-step
     loss's and the first-order warm-up's shares of it, and `validations` evenly spaced validations (0: as set)."""
-    # A wall-time budget holds far fewer iterations than the papers' schedules (125,000 for 20-way MAML++):
-    # scaled to the 60,000 absolute iterations an hour's run would have the multi-step loss throughout, a
-    # constant rate, and a warm-up that never ends.
+    # A wall-time budget holds far fewer iterations than the papers' schedules (125,000 for 20-way MAML++): left
+    # at their absolute counts, an hour's run would have the multi-step loss throughout, a cosine that never
+    # leaves its start, and a warm-up that never ends.
     out: dict = {"iterations": iterations}
     for key in ("multi_step_loss_iters", "order_anneal_iters"):
         value = getattr(cfg, key)
