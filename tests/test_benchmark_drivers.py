@@ -1,4 +1,4 @@
-"""The benchmark drivers' own arithmetic: a MAML++ ablation is scheduled over the iterations its budget holds."""
+"""The benchmark drivers' own arithmetic: schedules fitted to a budget's iterations, the bf16 profile's workloads."""
 
 import argparse
 import importlib.util
