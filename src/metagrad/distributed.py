@@ -68,7 +68,17 @@ def init_from_env(device: str | torch.device = "cpu") -> bool:
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend, timeout=timedelta(seconds=TIMEOUT_S))
+    atexit.register(leave)
     return True
+
+
+def leave() -> None:
+    """Leave the torchrun job (destroy this process's group); nothing if none is joined."""
+    # A process that exits with its group up can abort in C++ at interpreter teardown, gloo's threads still
+    # holding work ("terminate called without an active exception", SIGABRT: a finished rank of a
+    # `metagrad train` job did so on 2026-12-02; pytorch issue 190489). Run at exit, before teardown.
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def task_slice(n_tasks: int, rank: int, world: int) -> slice:
