@@ -144,3 +144,31 @@ def test_a_killed_rank_ends_the_job_and_resume_continues_it_bit_identically(tmp_
     assert a["iteration"] == b["iteration"] == iterations
     for k in b["algorithm"]:
         assert torch.equal(a["algorithm"][k], b["algorithm"][k]), k
+
+
+def test_a_rank_leaves_its_group_at_exit(monkeypatch):
+    # One-process gloo group in place of a torchrun job: init_from_env registers leave() to run at exit,
+    # and leave() destroys the group (a rank that exits with it up can abort in gloo's teardown).
+    import atexit
+
+    import torch.distributed as dist
+
+    from metagrad import distributed
+
+    registered = []
+    monkeypatch.setattr(atexit, "register", registered.append)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed.init_from_env("cpu") is False and registered == []  # not a job: nothing joined
+    monkeypatch.setattr(dist, "init_process_group",
+                        lambda backend, timeout: dist.distributed_c10d.init_process_group(
+                            backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout))
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what init_from_env reads; the group itself has one rank here
+    try:
+        assert distributed.init_from_env("cpu") is True and dist.is_initialized()
+        assert registered == [distributed.leave]
+        registered[0]()
+        assert not dist.is_initialized()
+        distributed.leave()  # again: nothing to leave
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
