@@ -11,7 +11,7 @@ download; the shapes are the workloads':
 - paper-20w1s: its 20-way 1-shot (1 query per class, meta-batch 16, 5 steps)
 - speed-5w1s:  benchmarks/speed.py's 5-way problem (15 query per class, meta-batch 32, 1 step), both nets
 
-    python benchmarks/bf16_profile.py                       # every workload, ~3 min on 2 idle cores
+    python benchmarks/bf16_profile.py                       # every workload, ~10 min (measured 9.5 on 2 idle cores)
     python benchmarks/bf16_profile.py --workloads paper-5w1s --repeats 3
 
 The CPU matters: without oneDNN bfloat16 kernels (AVX2 only) a bf16 convolution falls back to a slow reference
