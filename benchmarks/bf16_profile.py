@@ -26,12 +26,12 @@ import statistics
 import time
 
 import torch
+from speed import conv_tasks
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from metagrad import TaskBatch, paths
 from metagrad.algorithms import MAML
-from metagrad.models import Conv4
 
 # name -> (pool, ways, shots, query per class, meta-batch, inner steps, inner rate)
 WORKLOADS = {
@@ -53,15 +53,7 @@ def kind(op: str) -> str:
 def problem(name: str) -> tuple[nn.Module, TaskBatch, float, int]:
     """The workload's net (seed 0), a task batch of random images (seed 0), its inner rate and steps."""
     pool, ways, shots, query, meta_batch, steps, inner_lr = WORKLOADS[name]
-    gen = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    model = Conv4(ways, 1, 64, pool=pool)
-    support = torch.rand(meta_batch, ways * shots, 1, 28, 28, generator=gen)   # [tasks, shots, 1, 28, 28]
-    queries = torch.rand(meta_batch, ways * query, 1, 28, 28, generator=gen)
-    labels = torch.arange(ways)
-    batch = TaskBatch(support, labels.repeat_interleave(shots).repeat(meta_batch, 1),
-                      queries, labels.repeat_interleave(query).repeat(meta_batch, 1))
-    return model, batch, inner_lr, steps
+    return *conv_tasks(pool, ways, shots, query, meta_batch), inner_lr, steps
 
 
 def measure(name: str, path: str, repeats: int) -> dict:

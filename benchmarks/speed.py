@@ -72,13 +72,20 @@ def problem(name: str, meta_batch: int, dtype: torch.dtype) -> tuple[nn.Module, 
         model = MLP((1, 40, 40, 1))
         batch = Sinusoid(shots=10, query_shots=10).sample(meta_batch, gen)
         return model.to(dtype), batch.to(dtype=dtype), nn.functional.mse_loss, 0.01
-    ways, shots, query = 5, 1, 15
-    model = Conv4(ways, 1, 64, pool="max" if name == "omniglot-max" else "stride")
-    sx = torch.rand(meta_batch, ways * shots, 1, 28, 28, generator=gen)
+    model, batch = conv_tasks("max" if name == "omniglot-max" else "stride", 5, 1, 15, meta_batch)
+    return model.to(dtype), batch.to(dtype=dtype), nn.functional.cross_entropy, 0.4
+
+
+def conv_tasks(pool: str, ways: int, shots: int, query: int, meta_batch: int) -> tuple[nn.Module, TaskBatch]:
+    """An Omniglot Conv4 (seed 0) and `meta_batch` tasks of random 28x28 images (seed 0), `query` per class."""
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = Conv4(ways, 1, 64, pool=pool)
+    sx = torch.rand(meta_batch, ways * shots, 1, 28, 28, generator=gen)  # [tasks, ways * shots, 1, 28, 28]
     qx = torch.rand(meta_batch, ways * query, 1, 28, 28, generator=gen)
     sy = torch.arange(ways).repeat_interleave(shots).repeat(meta_batch, 1)
     qy = torch.arange(ways).repeat_interleave(query).repeat(meta_batch, 1)
-    return model.to(dtype), TaskBatch(sx, sy, qx, qy).to(dtype=dtype), nn.functional.cross_entropy, 0.4
+    return model, TaskBatch(sx, sy, qx, qy)
 
 
 # -- the peers: each accumulates mean-over-tasks meta-gradients into model's .grad ------------------

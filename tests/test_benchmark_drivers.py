@@ -82,7 +82,8 @@ def test_budget_recipe_fits_the_maml_plus_plus_schedule_to_its_budget(monkeypatc
     assert (cfg.multi_step_loss_iters, cfg.order_anneal_iters) == (50, 250)
 
 
-def test_bf16_profile_builds_the_workloads_shapes_and_sorts_kernels_by_kind():
+def test_bf16_profile_builds_the_workloads_shapes_and_sorts_kernels_by_kind(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # the driver imports its sibling speed.py
     bp = load("bf16_profile")
     model, batch, inner_lr, steps = bp.problem("paper-20w1s")  # the MAML paper's 20-way: 1 query per class
     assert batch.support_x.shape == (16, 20, 1, 28, 28) and batch.query_x.shape == (16, 20, 1, 28, 28)
