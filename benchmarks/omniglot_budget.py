@@ -55,8 +55,9 @@ import torch
 from speed import PEER_STEPS, ours_step
 from torch import nn
 
-from metagrad import distributed, experiments
+from metagrad import TaskBatch, distributed, experiments
 from metagrad.algorithms import MAML
+from metagrad.algorithms.base import Algorithm
 from metagrad.evaluation import evaluate, evaluate_ensemble
 from metagrad.experiments import omniglot as experiment
 from metagrad.models import Conv4
@@ -89,18 +90,28 @@ def probe_iterations(cfg: experiment.OmniglotConfig, args: argparse.Namespace) -
     algorithm, tasks = build(experiment.spec(cfg), seed=args.seed)
     algorithm.to(args.device)
     optimizer = torch.optim.Adam(algorithm.parameters(), lr=cfg.outer_lr)
-    gen, times = torch.Generator().manual_seed(args.seed), []
-    for it in range(PROBE):
-        batch = tasks.sample(cfg.meta_batch, gen).to(args.device)
-        t0 = time.perf_counter()
-        train_step(algorithm, batch, optimizer, it, cfg.iterations, cfg.outer_lr, cfg.lr_schedule, cfg.min_outer_lr)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+    gen = torch.Generator().manual_seed(args.seed)
+    times = [timed_step(algorithm, tasks.sample(cfg.meta_batch, gen), optimizer, it, cfg.iterations, cfg, args.device)
+             for it in range(PROBE)]
     if hasattr(algorithm, "close"):
         algorithm.close()
-    per_iteration = statistics.median(times[PROBE // 4:])  # the first iterations warm up
-    return max(PROBE, int(args.minutes * 60 / per_iteration))
+    return max(PROBE, int(args.minutes * 60 / per_iteration(times)))
+
+
+def timed_step(algorithm: Algorithm, batch: TaskBatch, optimizer: torch.optim.Optimizer, iteration: int,
+               horizon: int, cfg: experiment.OmniglotConfig, device: str) -> float:
+    """Seconds of one meta-training step of `cfg`'s schedule (the batch moved to `device` first, untimed)."""
+    batch = batch.to(device)
+    t0 = time.perf_counter()
+    train_step(algorithm, batch, optimizer, iteration, horizon, cfg.outer_lr, cfg.lr_schedule, cfg.min_outer_lr)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def per_iteration(times: list[float]) -> float:
+    """The median seconds of the first PROBE steps, past their warm-up quarter."""
+    return statistics.median(times[PROBE // 4:PROBE])
 
 
 def recipe_config(cell: str, args: argparse.Namespace) -> tuple[experiment.OmniglotConfig, int]:
@@ -141,19 +152,13 @@ def train_recipe(cell: str, args: argparse.Namespace) -> dict:
     marks = [budget * (k + 1) / args.evals for k in range(args.evals)]
     trained, iterations, points, times, best = 0.0, 0, [], [], []
     while marks:
-        batch = tasks.sample(cfg.meta_batch, gen).to(args.device)
-        t0 = time.perf_counter()
         # No horizon: nothing depends on one (a constant rate). Past a horizon: the cosine's floor.
-        train_step(algorithm, batch, optimizer, iterations, horizon or sys.maxsize, cfg.outer_lr, cfg.lr_schedule,
-                   cfg.min_outer_lr)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+        times.append(timed_step(algorithm, tasks.sample(cfg.meta_batch, gen), optimizer, iterations,
+                                horizon or sys.maxsize, cfg, args.device))
         trained += times[-1]
         iterations += 1
         if iterations == PROBE:
-            print(f"  metagrad {args.recipe} {cell}: {statistics.median(times[PROBE // 4:]):.3f} s per iteration",
-                  flush=True)
+            print(f"  metagrad {args.recipe} {cell}: {per_iteration(times):.3f} s per iteration", flush=True)
         if cfg.ensemble and iterations % cfg.val_every == 0:
             on_val = evaluate(algorithm, fixed_val).mean
             best = sorted(best + [(on_val, iterations, copy.deepcopy(algorithm.state_dict()))],
