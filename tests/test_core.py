@@ -121,6 +121,33 @@ def test_written_out_batchnorm_shares_parameters_and_keeps_the_native_op_in_the_
     assert core.for_vmap(mlp) is mlp
 
 
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("shape", [(5, 4, 6, 6), (7, 3)])
+def test_written_out_batch_norm_equals_the_native_op_to_second_order(affine, shape, gen):
+    """core.batch_norm against torch's batch norm on batch statistics (float64): outputs, gradients with
+    respect to the input, weight and bias, and the gradient of a function of those gradients (what MAML's
+    order 2 differentiates)."""
+    x = torch.randn(*shape, generator=gen, dtype=torch.float64).mul(3).add(1).requires_grad_()
+    channels = shape[1]
+    w = torch.randn(channels, generator=gen, dtype=torch.float64).requires_grad_() if affine else None
+    b = torch.randn(channels, generator=gen, dtype=torch.float64).requires_grad_() if affine else None
+    g = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    inputs = [t for t in (x, w, b) if t is not None]
+    second = []
+    for bn in (lambda: core.batch_norm(x, w, b, 1e-5),
+               lambda: nn.functional.batch_norm(x, None, None, w, b, training=True, eps=1e-5)):
+        y = bn()
+        first = torch.autograd.grad((y * g).sum(), inputs, create_graph=True)
+        # Weighted so that no term is a constant: the plain sum of dL/dx over a batch-norm input is 0.
+        outer = sum((t.square() * (i + 1)).sum() for i, t in enumerate(first))
+        # The bias enters linearly: no second derivative to compare.
+        second.append((y.detach(), [t.detach() for t in first], torch.autograd.grad(outer, inputs[:2])))
+    (y0, first0, second0), (y1, first1, second1) = second
+    assert rel_err(y0, y1) < 1e-12
+    for a, c in zip(first0 + list(second0), first1 + list(second1)):
+        assert c.norm() > 1e-6 and rel_err(a, c) < 1e-10
+
+
 def test_vmap_refused_for_batchnorm_with_running_statistics_at_order2():
     torch.manual_seed(0)
     tracked = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(3))
