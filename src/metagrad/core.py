@@ -252,14 +252,16 @@ class Functional:
     """A module as a pure function `f(params, x)`; a class, not a closure, so `copy.deepcopy` of an algorithm
     gives a function of the copied module (its buffers), not of the original."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, runs: nn.Module | None = None) -> None:
         self.module = model  # for_vmap rebuilds f from it
+        # What is called: the module itself, or a twin sharing its parameters and buffers (for_vmap's).
+        self.runs = model if runs is None else runs
         self.stepped = takes_step(model)  # Adapter.f_at binds the step only where it is read
 
     def __call__(self, params: Params, x: Tensor, step: int = 0) -> Tensor:
         """The module's output at `params` (buffers taken from the module), after `step` inner updates."""
         kwargs = {"step": step} if self.stepped else {}
-        return functional_call(self.module, (params, dict(self.module.named_buffers())), (x,), kwargs, strict=False)
+        return functional_call(self.runs, (params, dict(self.module.named_buffers())), (x,), kwargs, strict=False)
 
 
 def functional(model: nn.Module) -> Model:
@@ -317,21 +319,7 @@ def for_vmap(f: Model) -> Model:
     if model is None:
         return f
     twin = _written_out(model)
-    if twin is model:
-        return f
-
-    stepped = getattr(f, "stepped", False)
-
-    def g(params: Params, x: Tensor, step: int = 0) -> Tensor:
-        kwargs = {"step": step} if stepped else {}
-        return functional_call(twin, (params, dict(model.named_buffers())), (x,), kwargs, strict=False)
-
-    g.stepped = stepped  # type: ignore[attr-defined]
-    return g
-
-
-
-
+    return f if twin is model else Functional(model, twin)
 
 
 def named_params(model: nn.Module) -> Params:
