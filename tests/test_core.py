@@ -133,16 +133,16 @@ def test_written_out_batch_norm_equals_the_native_op_to_second_order(affine, sha
     b = torch.randn(channels, generator=gen, dtype=torch.float64).requires_grad_() if affine else None
     g = torch.randn(*shape, generator=gen, dtype=torch.float64)
     inputs = [t for t in (x, w, b) if t is not None]
-    second = []
+    results = []
     for bn in (lambda: core.batch_norm(x, w, b, 1e-5),
                lambda: nn.functional.batch_norm(x, None, None, w, b, training=True, eps=1e-5)):
         y = bn()
         first = torch.autograd.grad((y * g).sum(), inputs, create_graph=True)
-        # Weighted so that no term is a constant: the plain sum of dL/dx over a batch-norm input is 0.
+        # A different weight per derivative, so that errors in two of them cannot cancel in the sum.
         outer = sum((t.square() * (i + 1)).sum() for i, t in enumerate(first))
         # The bias enters linearly: no second derivative to compare.
-        second.append((y.detach(), [t.detach() for t in first], torch.autograd.grad(outer, inputs[:2])))
-    (y0, first0, second0), (y1, first1, second1) = second
+        results.append((y.detach(), [t.detach() for t in first], torch.autograd.grad(outer, inputs[:2])))
+    (y0, first0, second0), (y1, first1, second1) = results
     assert rel_err(y0, y1) < 1e-12
     for a, c in zip(first0 + list(second0), first1 + list(second1)):
         assert c.norm() > 1e-6 and rel_err(a, c) < 1e-10
