@@ -244,8 +244,9 @@ def supervised(loss_fn: LossFn = mse_loss) -> SupervisedLoss:
 
 
 def takes_step(model: nn.Module) -> bool:
-    """True if the module's forward takes the inner step index (`forward(x, step)`: MAML++'s per-step batch norm)."""
-    return "step" in inspect.signature(model.forward).parameters
+    """True if the module's forward reads the inner step index (`forward(x, step)`: MAML++'s per-step batch norm);
+    a module whose forward takes `step` but ignores it in some configurations says so with `reads_step`."""
+    return "step" in inspect.signature(model.forward).parameters and bool(getattr(model, "reads_step", True))
 
 
 class Functional:

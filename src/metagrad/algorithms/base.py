@@ -208,6 +208,11 @@ class Algorithm(nn.Module):
         """The meta-objective on `batch` at `iteration`, on `path`: a scalar with its graph to the meta-parameters."""
         raise NotImplementedError
 
+    def adapt_and_evaluate(self, on: Adapter, params: Params, support: Any, query: Any,
+                           all_steps: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+        """One task adapted on `support`, evaluated on `query`: `core.adapt_and_evaluate` (ANIL: its body once)."""
+        return core.adapt_and_evaluate(on, params, support, query, all_steps)
+
     # -- public API --------------------------------------------------------------------------------
     def meta_gradient(self, batch: Any, iteration: int | None = None, chunk_size: int | None = None) -> MetaGradient:
         """The meta-gradient of `batch` at `iteration` (default: the algorithm's count): pure, nothing stepped.
@@ -339,7 +344,7 @@ class Algorithm(nn.Module):
         check_steps(steps=steps)
         path = self._in_process()
         theta = self.params()
-        losses, metrics = core.map_tasks(lambda on, s, q: core.adapt_and_evaluate(on, theta, s, q, all_steps=True),
+        losses, metrics = core.map_tasks(lambda on, s, q: self.adapt_and_evaluate(on, theta, s, q, all_steps=True),
                                          self.adapter(steps=steps, order=0), path, batch.support, batch.query)
         return losses, metrics.get("accuracy")
 

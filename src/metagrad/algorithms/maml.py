@@ -80,7 +80,7 @@ class MAML(Algorithm):
         theta = self.params()
         msl = self.multi_step_loss_iters > 0 and iteration < self.multi_step_loss_iters and self.inner_steps > 1
         # Each task: theta_i' = inner steps on its support set; its query loss (after every step with msl).
-        losses, metrics = core.map_tasks(lambda on, s, q: core.adapt_and_evaluate(on, theta, s, q, all_steps=msl),
+        losses, metrics = core.map_tasks(lambda on, s, q: self.adapt_and_evaluate(on, theta, s, q, all_steps=msl),
                                          self.adapter(iteration), path, batch.support, batch.query)
         if msl:
             w = torch.as_tensor(multi_step_weights(self.inner_steps, iteration, self.multi_step_loss_iters),

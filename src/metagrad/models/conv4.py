@@ -111,6 +111,11 @@ class Conv4(nn.Module):
         self.head = nn.Linear(hidden, ways)
 
     @property
+    def reads_step(self) -> bool:
+        """Whether the output depends on the inner step index: only with per-step batch norm."""
+        return any(isinstance(m, PerStepBatchNorm) for m in self.features)
+
+    @property
     def meta_only(self) -> tuple[str, ...]:
         """Parameters learned by the outer loop only: per-step batch-norm sets (set k is read at step k
         alone, so an inner update of it would never be read; MAML++ keeps them out of the inner loop)."""
