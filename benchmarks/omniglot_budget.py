@@ -42,21 +42,24 @@ to its own core with one thread: the same hardware for each, and half the wall t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
+import io
 import json
 import multiprocessing
 import os
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 import torch
-from speed import PEER_STEPS, ours_step
+from speed import PEER_STEPS, _stub_torchvision, ours_step
 from torch import nn
 
 from metagrad import TaskBatch, distributed, experiments
-from metagrad.algorithms import MAML
+from metagrad.algorithms import ANIL, MAML
 from metagrad.algorithms.base import Algorithm
 from metagrad.evaluation import evaluate, evaluate_ensemble
 from metagrad.experiments import omniglot as experiment
@@ -67,17 +70,44 @@ from metagrad.train import build, train_step
 # The MAML paper's settings per cell: inner_lr, inner_steps (train), eval_steps, meta_batch.
 CELLS = {"5w1s": (5, 1, 0.4, 1, 3, 32), "20w1s": (20, 1, 0.1, 5, 5, 16)}
 PUBLISHED = {"5w1s": 98.7, "20w1s": 95.8}  # MAML paper, table 1, after 60,000 iterations
-PEERS = ("learn2learn", "higher")
+PEERS = ("learn2learn", "higher", "learn2learn-anil")  # the last: learn2learn's ANIL, beside `--set algorithm=anil`
+DEFAULT_PEERS = ("learn2learn", "higher")  # their MAML: the paper's algorithm
 RECIPES = {"paper": "omniglot-{cell}", "maml++": "omniglot-{cell}-maml++"}  # ours: an experiment's config
 PROBE = 20  # iterations of a throwaway run timed to fit a schedule to the budget
 VALIDATIONS = 10  # with an ensemble: validations spread over a fitted schedule, its checkpoints' candidates
 
 
+def learn2learn_anil_step(model: Conv4, loss_fn: nn.Module, inner_lr: float, steps: int, order: int) -> Callable:
+    """learn2learn's ANIL as its example (examples/vision/anil_fc100.py) writes it: the body once per task and set,
+    `l2l.algorithms.MAML` around the head; the body is Conv4's forward up to the head."""
+    _stub_torchvision()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        import learn2learn as l2l
+
+    head = l2l.algorithms.MAML(model.head, lr=inner_lr, first_order=order == 1)
+
+    def body(x: torch.Tensor) -> torch.Tensor:
+        return model.features(x).mean(dim=(2, 3))
+
+    def step(batch: TaskBatch) -> None:
+        for i in range(len(batch)):
+            learner = head.clone()
+            support, query = body(batch.support_x[i]), body(batch.query_x[i])
+            for _ in range(steps):
+                learner.adapt(loss_fn(learner(support), batch.support_y[i]))
+            (loss_fn(learner(query), batch.query_y[i]) / len(batch)).backward()
+
+    return step
+
+
+STEPS = {**PEER_STEPS, "learn2learn-anil": learn2learn_anil_step}
+
+
 def available(peer: str) -> str | None:
     """None if the peer can be used here, else why not."""
     try:
-        if peer == "learn2learn":
-            PEER_STEPS[peer](nn.Linear(1, 1), nn.functional.mse_loss, 0.1, 1, 2)  # imports it (with its stub)
+        if peer.startswith("learn2learn"):
+            PEER_STEPS["learn2learn"](nn.Linear(1, 1), nn.functional.mse_loss, 0.1, 1, 2)  # imports it (with its stub)
         else:
             __import__(peer)
         return None
@@ -202,9 +232,10 @@ def train_and_evaluate(impl: str, cell: str, args: argparse.Namespace) -> dict:
     if impl == "metagrad":
         step = ours_step(model, loss_fn, inner_lr, inner_steps, 2, args.path)
     else:
-        step = PEER_STEPS[impl](model, loss_fn, inner_lr, inner_steps, 2)
-    # The evaluator shares the model's parameters: the same protocol whatever trained them.
-    evaluator = MAML(model, inner_lr=inner_lr, inner_steps=inner_steps, loss_fn=loss_fn, eval_steps=eval_steps)
+        step = STEPS[impl](model, loss_fn, inner_lr, inner_steps, 2)
+    # The evaluator shares the model's parameters: the same protocol whatever trained them (ANIL's for ANIL).
+    evaluator = (ANIL if impl.endswith("-anil") else MAML)(model, inner_lr=inner_lr, inner_steps=inner_steps,
+                                                           loss_fn=loss_fn, eval_steps=eval_steps)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.outer_lr)
     gen = torch.Generator().manual_seed(args.seed)
     budget = args.minutes * 60
@@ -266,7 +297,8 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--minutes", type=float, default=60.0, help="training budget per implementation and task")
     p.add_argument("--tasks", default="5w1s,20w1s", help=f"comma-separated, from {sorted(CELLS)}")
-    p.add_argument("--peers", default=",".join(PEERS), help="comma-separated; '' for ours alone")
+    p.add_argument("--peers", default=",".join(DEFAULT_PEERS),
+                   help=f"comma-separated, from {list(PEERS)}; '' for ours alone")
     p.add_argument("--evals", type=int, default=4, help="evaluation points, evenly spaced over the budget")
     p.add_argument("--eval-tasks", type=int, default=600, help="test episodes per evaluation (the papers': 600)")
     p.add_argument("--path", default="auto",

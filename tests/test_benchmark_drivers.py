@@ -92,3 +92,33 @@ def test_bf16_profile_builds_the_workloads_shapes_and_sorts_kernels_by_kind(monk
                                    "aten::native_batch_norm_backward", "aten::threshold_backward",
                                    "aten::max_pool2d_with_indices", "aten::mul")] == \
         ["convolution", "convolution", "dtype casts", "batch norm", "ReLU", "max-pool", "other"]
+
+
+def test_learn2learn_anil_peer_computes_anils_meta_gradient(monkeypatch):
+    """The budget benchmark's learn2learn ANIL peer (where learn2learn is installed: .venv-bench) computes the
+    meta-gradient metagrad's ANIL computes, in float64: the two sides of the table run the same algorithm."""
+    import pytest
+    import torch
+    from torch import nn
+
+    from metagrad import TaskBatch
+    from metagrad.algorithms import ANIL
+    from metagrad.models import Conv4
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    ob = load("omniglot_budget")
+    why = ob.available("learn2learn-anil")
+    if why:
+        pytest.skip(f"learn2learn is not installed here ({why}): run with .venv-bench/bin/python")
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(5).expand(4, -1)
+    batch = TaskBatch(torch.randn(4, 5, 1, 28, 28, generator=gen, dtype=torch.float64), labels,
+                      torch.randn(4, 5, 1, 28, 28, generator=gen, dtype=torch.float64), labels)
+    torch.manual_seed(0)
+    model = Conv4(ways=5, hidden=8).double()
+    ob.learn2learn_anil_step(model, nn.functional.cross_entropy, 0.3, 3, 2)(batch)
+    theirs = torch.cat([p.grad.flatten() for p in model.parameters()])
+    ours = ANIL(model, inner_lr=0.3, inner_steps=3, loss_fn=nn.functional.cross_entropy, path="loop")
+    mine = torch.cat([g.flatten() for g in ours.meta_gradient(batch).values()])
+    assert theirs.norm() > 0 and model.features[0].weight.grad.norm() > 0  # the body learns too
+    assert ((mine - theirs).norm() / theirs.norm()).item() < 1e-12
