@@ -33,6 +33,12 @@ the paper's MAML; each gets `--threads` threads:
         --set lr_schedule=cosine --set min_outer_lr=1e-5 --set ensemble=5 --set val_every=250 --path vmap \
         --peers learn2learn --eval-tasks 1000 --data ../shared/data --json runs/budget-5w1s-30.json
 
+`--peers learn2learn-anil` is learn2learn's ANIL as its example writes it (the body once per task and set,
+`l2l.algorithms.MAML` around the head), evaluated as ANIL, beside ours with `--set algorithm=anil`:
+
+    .venv-bench/bin/python benchmarks/omniglot_budget.py --tasks 20w1s --minutes 60 --recipe paper \
+        --set algorithm=anil --path vmap --peers learn2learn-anil --side-by-side --data ../shared/data
+
 `--side-by-side` runs the implementations of a task at the same time, each in its own process pinned
 to its own core with one thread: the same hardware for each, and half the wall time on 2 cores:
 

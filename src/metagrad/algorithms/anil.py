@@ -9,8 +9,8 @@ The head is by default the parameters of the model's last `nn.Linear`; `head=` n
 
 The body's output does not change during the inner loop, so where the head is one module whose output is the
 model's output, the body runs once per task and set (support, query) and the inner loop runs on the head's
-input alone, as the ANIL paper and learn2learn's ANIL example do: the same losses and the same meta-gradient
-(to rounding; tests/test_algorithms.py) at the cost of two body passes per task instead of `inner_steps + 1`.
+input alone, as learn2learn's ANIL example does: the same losses and the same meta-gradient (to rounding;
+tests/test_anil_body_once.py) at the cost of two body passes per task instead of `inner_steps + 1`.
 Otherwise (a head of scattered parameters, a head feeding later layers, per-step batch norm, running
 statistics updated in training mode, bf16 autocast, a task loss other than `supervised`) every inner step
 runs the whole model, as MAML does. One difference remains where the body draws randomness (dropout): once
