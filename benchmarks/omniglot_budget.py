@@ -48,10 +48,8 @@ to its own core with one thread: the same hardware for each, and half the wall t
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
-import io
 import json
 import multiprocessing
 import os
@@ -61,7 +59,7 @@ import time
 from collections.abc import Callable
 
 import torch
-from speed import PEER_STEPS, _stub_torchvision, ours_step
+from speed import PEER_STEPS, import_learn2learn, ours_step
 from torch import nn
 
 from metagrad import TaskBatch, distributed, experiments
@@ -83,14 +81,10 @@ PROBE = 20  # iterations of a throwaway run timed to fit a schedule to the budge
 VALIDATIONS = 10  # with an ensemble: validations spread over a fitted schedule, its checkpoints' candidates
 
 
-def learn2learn_anil_step(model: Conv4, loss_fn: nn.Module, inner_lr: float, steps: int, order: int) -> Callable:
+def learn2learn_anil_step(model: Conv4, loss_fn: Callable, inner_lr: float, steps: int, order: int) -> Callable:
     """learn2learn's ANIL as its example (examples/vision/anil_fc100.py) writes it: the body once per task and set,
     `l2l.algorithms.MAML` around the head; the body is Conv4's forward up to the head."""
-    _stub_torchvision()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        import learn2learn as l2l
-
-    head = l2l.algorithms.MAML(model.head, lr=inner_lr, first_order=order == 1)
+    head = import_learn2learn().algorithms.MAML(model.head, lr=inner_lr, first_order=order == 1)
 
     def body(x: torch.Tensor) -> torch.Tensor:
         return model.features(x).mean(dim=(2, 3))
@@ -113,7 +107,7 @@ def available(peer: str) -> str | None:
     """None if the peer can be used here, else why not."""
     try:
         if peer.startswith("learn2learn"):
-            PEER_STEPS["learn2learn"](nn.Linear(1, 1), nn.functional.mse_loss, 0.1, 1, 2)  # imports it (with its stub)
+            import_learn2learn()
         else:
             __import__(peer)
         return None

@@ -120,11 +120,17 @@ def _stub_torchvision() -> None:
         sys.meta_path.insert(0, _StubFinder())
 
 
-def learn2learn_step(model: nn.Module, loss_fn: Callable, inner_lr: float, steps: int, order: int) -> Step:
+def import_learn2learn() -> types.ModuleType:
+    """learn2learn, imported beside the torchvision stub and quietly (its gym import prints a deprecation notice)."""
     _stub_torchvision()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        import learn2learn as l2l  # quiet: its gym import prints a deprecation notice
+        import learn2learn
 
+    return learn2learn
+
+
+def learn2learn_step(model: nn.Module, loss_fn: Callable, inner_lr: float, steps: int, order: int) -> Step:
+    l2l = import_learn2learn()
     maml = l2l.algorithms.MAML(model, lr=inner_lr, first_order=order == 1)
 
     def step(batch: TaskBatch) -> None:
