@@ -122,3 +122,34 @@ def test_learn2learn_anil_peer_computes_anils_meta_gradient(monkeypatch):
     mine = torch.cat([g.flatten() for g in ours.meta_gradient(batch).values()])
     assert theirs.norm() > 0 and model.features[0].weight.grad.norm() > 0  # the body learns too
     assert ((mine - theirs).norm() / theirs.norm()).item() < 1e-12
+
+
+def test_budget_evaluation_reports_eval_steps_and_keeps_the_longer_curve(monkeypatch):
+    """An evaluation point's accuracy is the one after `eval_steps` inner steps (as evaluating with eval_steps
+    alone on the same episodes gives it), while its curve runs on to --curve-steps."""
+    import torch
+    from torch import nn
+
+    from metagrad import TaskBatch, evaluate
+    from metagrad.algorithms import MAML
+    from metagrad.models import Conv4
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    ob = load("omniglot_budget")
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.arange(5).repeat(2).expand(6, -1)  # [tasks, shots * ways]
+    images = torch.randn(6, 10, 1, 28, 28, generator=gen)
+    batch = TaskBatch(images, labels, images, labels)  # query = support: adaptation must raise the accuracy
+    torch.manual_seed(0)
+    alg = MAML(Conv4(ways=5, hidden=8), inner_lr=0.5, inner_steps=1, loss_fn=nn.functional.cross_entropy,
+               path="loop")
+    args = argparse.Namespace(eval_tasks=6, curve_steps=4)
+    curves = []
+    point = ob.evaluated(alg, batch, 2, None, 12.5, 100, args, curves, "test")
+    alone = evaluate(alg, batch, 6, 2)
+    assert point == (12.5, 100, alone.mean, alone.ci95)
+    (curve,) = curves
+    assert (curve["iterations"], curve["eval_steps"]) == (100, 2)
+    assert len(curve["accuracy"]) == len(curve["ci95"]) == 5  # steps 0..4
+    assert curve["accuracy"][:3] == alone.curve
+    assert curve["accuracy"][4] > curve["accuracy"][0] + 0.3
