@@ -9,7 +9,8 @@ the meta-gradient computation differs (the peers' step functions of benchmarks/s
 time spent in meta-iterations counts against the budget. At `--evals` evenly spaced points of the
 budget the model is evaluated, by the same code for everyone (`metagrad.evaluate` on the same
 `--eval-tasks` episodes of the 423 held-out characters, `eval_steps` inner steps): accuracy after
-15, 30, 45, 60 minutes with the default budget.
+15, 30, 45, 60 minutes with the default budget. Each evaluation also measures the adaptation curve of the
+same episodes to `--curve-steps` steps (10, as the MAML reference code tests Omniglot): printed and in --json.
 
 Peers are used where they import (they live in .venv-bench, built by `make bench-deps`); missing
 ones are named and skipped, so the script always runs ours:
