@@ -40,6 +40,12 @@ the paper's MAML; each gets `--threads` threads:
     .venv-bench/bin/python benchmarks/omniglot_budget.py --tasks 20w1s --minutes 60 --recipe paper \
         --set algorithm=anil --path vmap --peers learn2learn-anil --side-by-side --data ../shared/data
 
+`--inner-lr` gives every implementation one inner rate in place of the paper's (ours: the recipe's `inner_lr`;
+`--set inner_lr=` changes ours alone), e.g. ANIL at 20-way with the 5-way rate, 0.4, beside learn2learn's:
+
+    .venv-bench/bin/python benchmarks/omniglot_budget.py --tasks 20w1s --minutes 10 --recipe paper \
+        --set algorithm=anil --inner-lr 0.4 --path vmap --peers learn2learn-anil --side-by-side --data ../shared/data
+
 `--side-by-side` runs the implementations of a task at the same time, each in its own process pinned
 to its own core with one thread: the same hardware for each, and half the wall time on 2 cores:
 
@@ -149,7 +155,12 @@ def recipe_config(cell: str, args: argparse.Namespace) -> tuple[experiment.Omnig
     """The recipe's config for `cell` with --set applied and its schedule fitted to the budget; the schedule's
     length (0: nothing depends on one)."""
     sets = dict(args.set)
-    overrides = {"path": args.path, "data": args.data, "device": args.device, "seed": args.seed, **sets}
+    # The driver's own options enter the config as overrides, so the recipe's config is the one value; --set wins.
+    driver = {"path": args.path, "data": args.data, "device": args.device, "seed": args.seed,
+              "curve_steps": args.curve_steps, "eval_tasks": args.eval_tasks}
+    if args.inner_lr is not None:
+        driver["inner_lr"] = args.inner_lr
+    overrides = {**driver, **sets}
     cfg = experiments.get(RECIPES[args.recipe].format(cell=cell)).make_config(overrides)
     experiment.check(cfg)
     # The schedule (the cosine, the multi-step loss's and the warm-up's shares, the ensemble's validations) is
@@ -197,9 +208,12 @@ def train_recipe(cell: str, args: argparse.Namespace) -> dict:
         if trained >= marks[0]:
             marks.pop(0)
             episodes = torch.Generator().manual_seed(args.seed + 10_000)
-            points.append(evaluated(algorithm, test, cfg.eval_steps, episodes, trained, iterations, args, curves,
-                                    f"metagrad {args.recipe} {cell}"))
-    out = {"impl": f"metagrad ({args.recipe}{''.join(f', {k}={v}' for k, v in args.set)})", "cell": cell,
+            point, curve = evaluated(algorithm, test, cfg.eval_steps, cfg.curve_steps, cfg.eval_tasks, episodes,
+                                     trained, iterations, f"metagrad {args.recipe} {cell}")
+            points.append(point)
+            curves.append(curve)
+    named = ([("inner_lr", cfg.inner_lr)] if args.inner_lr is not None and "inner_lr" not in dict(args.set) else [])
+    out = {"impl": f"metagrad ({args.recipe}{''.join(f', {k}={v}' for k, v in [*named, *args.set])})", "cell": cell,
            "points": points, "curves": curves, "schedule_iterations": horizon}
     if best:
         members = []
@@ -208,7 +222,7 @@ def train_recipe(cell: str, args: argparse.Namespace) -> dict:
             member.load_state_dict(state)
             member.to(args.device)
             members.append(member.train())
-        ens = evaluate_ensemble(members, test, args.eval_tasks, torch.Generator().manual_seed(args.seed + 10_000))
+        ens = evaluate_ensemble(members, test, cfg.eval_tasks, torch.Generator().manual_seed(args.seed + 10_000))
         out["ensemble"] = {"iterations": [b[1] for b in best], "val": [b[0] for b in best],
                            "mean": ens.mean, "ci95": ens.ci95}
         print(f"  metagrad {args.recipe} {cell}: ensemble of the {len(best)} best validation checkpoints "
@@ -223,6 +237,7 @@ def train_and_evaluate(impl: str, cell: str, args: argparse.Namespace) -> dict:
     if impl == "metagrad" and args.recipe:
         return train_recipe(cell, args)
     ways, shots, inner_lr, inner_steps, eval_steps, meta_batch = CELLS[cell]
+    inner_lr = inner_lr if args.inner_lr is None else args.inner_lr
     task_args = dict(ways=ways, shots=shots, query_shots=shots, root=args.data or None, device=args.device)
     tasks, test = Omniglot(**task_args), Omniglot(split="test", **task_args)
     torch.manual_seed(args.seed)
@@ -253,24 +268,27 @@ def train_and_evaluate(impl: str, cell: str, args: argparse.Namespace) -> dict:
         if trained >= marks[0]:
             marks.pop(0)
             episodes = torch.Generator().manual_seed(args.seed + 10_000)  # the same test episodes for everyone
-            points.append(evaluated(evaluator, test, eval_steps, episodes, trained, iterations, args, curves,
-                                    f"{impl:12s} {cell}"))
+            point, curve = evaluated(evaluator, test, eval_steps, args.curve_steps, args.eval_tasks, episodes,
+                                     trained, iterations, f"{impl:12s} {cell}")
+            points.append(point)
+            curves.append(curve)
     if args.path.startswith("parallel"):
         distributed.shutdown()
-    return {"impl": impl, "cell": cell, "points": points, "curves": curves}
+    label = impl if args.inner_lr is None else f"{impl} (inner_lr={inner_lr})"
+    return {"impl": label, "cell": cell, "points": points, "curves": curves}
 
 
-def evaluated(algorithm: Algorithm, test: Omniglot, eval_steps: int, episodes: torch.Generator, trained: float,
-              iterations: int, args: argparse.Namespace, curves: list, label: str) -> tuple[float, int, float, float]:
-    """One evaluation point: accuracy after `eval_steps` inner steps, (seconds, iterations, mean, ci95); the
-    adaptation curve over 0..max(eval_steps, --curve-steps) steps of the same episodes is appended to `curves`."""
-    r = evaluate(algorithm, test, args.eval_tasks, max(eval_steps, args.curve_steps), episodes)
+def evaluated(algorithm: Algorithm, test: Omniglot, eval_steps: int, curve_steps: int, eval_tasks: int,
+              episodes: torch.Generator, trained: float, iterations: int, label: str) -> tuple[tuple, dict]:
+    """One evaluation point, (seconds, iterations, mean, ci95) after `eval_steps` inner steps, and the adaptation
+    curve of the same episodes over 0..max(eval_steps, curve_steps) steps."""
+    r = evaluate(algorithm, test, eval_tasks, max(eval_steps, curve_steps), episodes)
     mean, ci95 = r.curve[eval_steps], r.curve_ci95[eval_steps]
-    curves.append({"iterations": iterations, "eval_steps": eval_steps, "accuracy": r.curve, "ci95": r.curve_ci95})
+    curve = {"iterations": iterations, "eval_steps": eval_steps, "accuracy": r.curve, "ci95": r.curve_ci95}
     more = f"; after {r.steps} steps {100 * r.mean:.2f} ± {100 * r.ci95:.2f}%" if r.steps > eval_steps else ""
     print(f"  {label}: {trained / 60:6.1f} min, {iterations:6d} iterations, test accuracy {100 * mean:.2f} ± "
           f"{100 * ci95:.2f}% after {eval_steps} steps{more}", flush=True)
-    return trained, iterations, mean, ci95
+    return (trained, iterations, mean, ci95), curve
 
 
 def pinned(core: int, impl: str, cell: str, args: argparse.Namespace) -> dict:
@@ -328,7 +346,11 @@ def main(argv: list[str] | None = None) -> None:
                         "0: what fits the budget, timed on a short throwaway run")
     p.add_argument("--curve-steps", type=int, default=10,
                    help="also measure each evaluation's adaptation curve to this many inner steps (the MAML "
-                        "reference code tests Omniglot with 10); the table's accuracy stays at eval_steps")
+                        "reference code tests Omniglot with 10); the table's accuracy stays at eval_steps. "
+                        "--recipe: the config's curve_steps")
+    p.add_argument("--inner-lr", type=float, default=None,
+                   help="the inner rate of every implementation (default: the MAML paper's for the task: 0.4 at "
+                        "5-way, 0.1 at 20-way); --recipe: the config's inner_lr")
     p.add_argument("--outer-lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=0, help="torch threads for every implementation; 0: default")
     p.add_argument("--device", default="cpu")

@@ -66,7 +66,8 @@ def test_budget_recipe_fits_the_maml_plus_plus_schedule_to_its_budget(monkeypatc
 
     def config(recipe, *sets, **kw):
         args = argparse.Namespace(recipe=recipe, set=[tuple(s.split("=", 1)) for s in sets], path="loop", data="",
-                                  device="cpu", seed=0, minutes=60.0, schedule_iterations=kw.get("length", 0))
+                                  device="cpu", seed=0, minutes=60.0, schedule_iterations=kw.get("length", 0),
+                                  curve_steps=kw.get("curve_steps", 10), eval_tasks=600, inner_lr=kw.get("inner_lr"))
         return ob.recipe_config("20w1s", args)
 
     cfg, horizon = config("maml++")  # the MSL keeps its 10,000/125,000 share, 10 validations for the ensemble
@@ -78,6 +79,12 @@ def test_budget_recipe_fits_the_maml_plus_plus_schedule_to_its_budget(monkeypatc
     assert (cfg.multi_step_loss_iters, cfg.order_anneal_iters) == (20000, 40000)
     cfg, horizon = config("paper", "order_anneal_iters=500")  # constant rate, warm-up as set: nothing to fit
     assert len(probed) == 1 and horizon == 0 and (cfg.order_anneal_iters, cfg.iterations) == (500, 60000)
+    # The driver's --inner-lr and --curve-steps are the config's values, and --set is more specific still.
+    assert (cfg.inner_lr, cfg.curve_steps, cfg.eval_tasks) == (0.1, 10, 600)  # the paper's 20-way rate
+    cfg, _ = config("paper", inner_lr=0.4, curve_steps=7)
+    assert (cfg.inner_lr, cfg.curve_steps) == (0.4, 7)
+    cfg, _ = config("paper", "inner_lr=0.2", "curve_steps=3", inner_lr=0.4, curve_steps=7)
+    assert (cfg.inner_lr, cfg.curve_steps) == (0.2, 3)
     cfg, _ = config("paper", "algorithm=maml++", length=600)  # a None stands for MAML++'s defaults, scaled
     assert (cfg.multi_step_loss_iters, cfg.order_anneal_iters) == (50, 250)
 
@@ -143,13 +150,50 @@ def test_budget_evaluation_reports_eval_steps_and_keeps_the_longer_curve(monkeyp
     torch.manual_seed(0)
     alg = MAML(Conv4(ways=5, hidden=8), inner_lr=0.5, inner_steps=1, loss_fn=nn.functional.cross_entropy,
                path="loop")
-    args = argparse.Namespace(eval_tasks=6, curve_steps=4)
-    curves = []
-    point = ob.evaluated(alg, batch, 2, None, 12.5, 100, args, curves, "test")
+    point, curve = ob.evaluated(alg, batch, 2, 4, 6, None, 12.5, 100, "test")
     alone = evaluate(alg, batch, 6, 2)
     assert point == (12.5, 100, alone.mean, alone.ci95)
-    (curve,) = curves
     assert (curve["iterations"], curve["eval_steps"]) == (100, 2)
     assert len(curve["accuracy"]) == len(curve["ci95"]) == 5  # steps 0..4
     assert curve["accuracy"][:3] == alone.curve
     assert curve["accuracy"][4] > curve["accuracy"][0] + 0.3
+
+
+def test_budget_peers_path_trains_and_evaluates_every_implementation_at_the_chosen_inner_rate(monkeypatch):
+    """--inner-lr reaches every implementation's step and the evaluator; without it, the paper's rate of the task."""
+    import torch
+
+    from metagrad import TaskBatch
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    ob = load("omniglot_budget")
+
+    class Episodes:  # Omniglot's interface, random 5-way 1-shot episodes: no data needed
+        def __init__(self, ways: int, shots: int, query_shots: int, root, device: str, split: str = "train"):
+            self.ways = ways
+
+        def sample(self, n: int, gen: torch.Generator) -> TaskBatch:
+            x, y = torch.randn(n, self.ways, 1, 28, 28, generator=gen), torch.arange(self.ways).expand(n, -1)
+            return TaskBatch(x, y, x, y)
+
+    trained, evaluated = [], []
+
+    def step(model, loss_fn, inner_lr, steps, order, *path):
+        trained.append(inner_lr)
+        return lambda batch: model.head.weight.sum().backward()
+
+    def evaluation(algorithm, test, eval_steps, curve_steps, eval_tasks, episodes, seconds, iterations, label):
+        evaluated.append(algorithm.inner_lr)
+        return (seconds, iterations, 0.5, 0.1), {}
+
+    monkeypatch.setattr(ob, "Omniglot", Episodes)
+    monkeypatch.setattr(ob, "ours_step", step)
+    monkeypatch.setitem(ob.STEPS, "higher", step)
+    monkeypatch.setattr(ob, "evaluated", evaluation)
+    for cell, inner_lr, expected in (("5w1s", None, 0.4), ("20w1s", None, 0.1), ("20w1s", 0.4, 0.4)):
+        args = argparse.Namespace(inner_lr=inner_lr, data="", device="cpu", seed=0, path="loop", outer_lr=1e-3,
+                                  minutes=1e-9, evals=1, curve_steps=1, eval_tasks=1, recipe="")
+        rows = [ob.train_and_evaluate(impl, cell, args) for impl in ("metagrad", "higher")]
+        assert trained[-2:] == evaluated[-2:] == [expected, expected]
+        assert [r["impl"] for r in rows] == (["metagrad", "higher"] if inner_lr is None else
+                                             ["metagrad (inner_lr=0.4)", "higher (inner_lr=0.4)"])
