@@ -13,7 +13,7 @@ budget the model is evaluated, by the same code for everyone (`metagrad.evaluate
 same episodes to `--curve-steps` steps (10, as the MAML reference code tests Omniglot): printed and in --json.
 
 Peers are used where they import (they live in .venv-bench, built by `make bench-deps`); missing
-ones are named and skipped, so the script always runs ours:
+ones are named and skipped, so the script always runs ours (unless `--no-ours`: the peers alone):
 
     python benchmarks/omniglot_budget.py                                # 60 min per cell: ~6 h with both peers
     .venv-bench/bin/python benchmarks/omniglot_budget.py --minutes 10 --tasks 5w1s
@@ -351,7 +351,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--inner-lr", type=float, default=None,
                    help="the inner rate of every implementation (default: the MAML paper's for the task: 0.4 at "
                         "5-way, 0.1 at 20-way); --recipe: the config's inner_lr")
-    p.add_argument("--outer-lr", type=float, default=1e-3)
+    p.add_argument("--outer-lr", type=float, default=1e-3,
+                   help="the peers' outer rate (Adam, constant); --recipe: ours is the config's outer_lr")
+    p.add_argument("--no-ours", action="store_true",
+                   help="run the peers alone, e.g. a peer at another --outer-lr beside an earlier run of ours")
     p.add_argument("--threads", type=int, default=0, help="torch threads for every implementation; 0: default")
     p.add_argument("--device", default="cpu")
     p.add_argument("--data", default="", help="folder holding omniglot/ (default: $METAGRAD_DATA)")
@@ -374,13 +377,15 @@ def main(argv: list[str] | None = None) -> None:
                 "drop --threads, a 'parallel' --path and --device")
     if args.threads:
         torch.set_num_threads(args.threads)
-    impls = ["metagrad"]
+    impls = [] if args.no_ours else ["metagrad"]
     for peer in peers:
         why = available(peer)
         if why:
             print(f"{peer}: not available here, skipped ({why}); run with .venv-bench/bin/python to include it")
         else:
             impls.append(peer)
+    if not impls:
+        p.error("--no-ours with no peer that imports here: nothing to run")
     if args.side_by_side and len(impls) > len(os.sched_getaffinity(0)):
         p.error(f"--side-by-side needs a core per implementation: {len(impls)} implementations, "
                 f"{len(os.sched_getaffinity(0))} cores")

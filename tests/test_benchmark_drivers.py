@@ -197,3 +197,23 @@ def test_budget_peers_path_trains_and_evaluates_every_implementation_at_the_chos
         assert trained[-2:] == evaluated[-2:] == [expected, expected]
         assert [r["impl"] for r in rows] == (["metagrad", "higher"] if inner_lr is None else
                                              ["metagrad (inner_lr=0.4)", "higher (inner_lr=0.4)"])
+
+
+def test_budget_no_ours_runs_the_peers_alone_at_their_outer_rate(monkeypatch):
+    """--no-ours trains the named peers only (at --outer-lr), and refuses to run nothing."""
+    import pytest
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    ob = load("omniglot_budget")
+    ran = []
+    monkeypatch.setattr(ob, "available", lambda peer: "")
+    monkeypatch.setattr(ob, "train_and_evaluate", lambda impl, cell, args: ran.append((impl, cell, args.outer_lr)))
+    monkeypatch.setattr(ob, "print_table", lambda rows, args: None)
+    common = ["--tasks", "5w1s", "--minutes", "1", "--outer-lr", "2e-3"]
+    ob.main(["--no-ours", "--peers", "learn2learn,higher", *common])
+    assert ran == [("learn2learn", "5w1s", 2e-3), ("higher", "5w1s", 2e-3)]
+    ob.main(["--peers", "learn2learn", *common])
+    assert ran[2:] == [("metagrad", "5w1s", 2e-3), ("learn2learn", "5w1s", 2e-3)]
+    with pytest.raises(SystemExit):
+        ob.main(["--no-ours", "--peers", "", *common])
+    assert len(ran) == 4
