@@ -352,7 +352,8 @@ def main(argv: list[str] | None = None) -> None:
                    help="the inner rate of every implementation (default: the MAML paper's for the task: 0.4 at "
                         "5-way, 0.1 at 20-way); --recipe: the config's inner_lr")
     p.add_argument("--outer-lr", type=float, default=1e-3,
-                   help="the peers' outer rate (Adam, constant); --recipe: ours is the config's outer_lr")
+                   help="every implementation's outer rate (Adam, constant); --recipe: ours takes the config's "
+                        "outer_lr (--set outer_lr=) and schedule instead")
     p.add_argument("--no-ours", action="store_true",
                    help="run the peers alone, e.g. a peer at another --outer-lr beside an earlier run of ours")
     p.add_argument("--threads", type=int, default=0, help="torch threads for every implementation; 0: default")
