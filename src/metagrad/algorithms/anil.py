@@ -26,19 +26,9 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from metagrad import core
-from metagrad.algorithms.maml import MAML
+from metagrad.algorithms.maml import MAML, last_linear
 from metagrad.core import Adapter, LossFn, Params, Path
 from metagrad.inner import InnerOptimizer
-
-
-def last_linear(model: nn.Module) -> list[str]:
-    """Names of the parameters of the last `nn.Linear` in `model.named_modules()` order."""
-    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    if not linears:
-        raise ValueError("ANIL's default head is the model's last nn.Linear, and this model has none; "
-                         "pass head=[parameter names]")
-    prefix = f"{linears[-1]}." if linears[-1] else ""
-    return [f"{prefix}{n}" for n, p in model.get_submodule(linears[-1]).named_parameters() if p.requires_grad]
 
 
 class ANIL(MAML):
@@ -55,12 +45,13 @@ class ANIL(MAML):
         path: Path = "auto",
         head: Sequence[str] | None = None,
         eval_steps: int | None = None,
+        zero_head: bool | Sequence[str] = False,
     ) -> None:
         head = last_linear(model) if head is None else list(head)
         if not head:
             raise ValueError("head must name at least one parameter of the model")
         super().__init__(model, inner_lr, inner_steps, order, loss_fn, inner_opt, path, adapt_names=head,
-                         eval_steps=eval_steps)
+                         eval_steps=eval_steps, zero_head=head if zero_head is True else zero_head)
         self._head = head_module(model, head)
 
     def adapt_and_evaluate(self, on: Adapter, params: Params, support: Any, query: Any,

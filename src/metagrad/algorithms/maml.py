@@ -11,6 +11,11 @@ iterations; `order_anneal_iters` > 0 uses first order for that many iterations, 
 batch norm (BNWB, BNRS) belongs to the model, `Conv4(per_step_bn=inner_steps + 1, running_stats=True)`: the
 adapter hands it the step index, and its sets are learned in the outer loop only (`model.meta_only`). The
 ensemble of the best validation checkpoints: `meta_train(keep_best=5)`, `evaluation.evaluate_ensemble`.
+
+`zero_head` is the zeroing trick (Kao, Chiu & Chen, "MAML is a noisy contrastive learner in classification",
+ICLR 2022): every task's adaptation starts with the head (by default the last `nn.Linear`) at zero, so that
+the start treats every class alike whatever the task's labelling; the head's meta-gradient is then zero and
+its stored values are never used.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from torch import Tensor, nn
 
 from metagrad import core
 from metagrad.algorithms.base import Algorithm, check_steps, inner_names
-from metagrad.core import ExecPath, LossFn, Path
+from metagrad.core import ExecPath, LossFn, Params, Path
 from metagrad.inner import InnerOptimizer, per_layer_per_step_lr
 
 
@@ -36,6 +41,16 @@ def multi_step_weights(steps: int, iteration: int, anneal_iters: int) -> np.ndar
     w[:-1] = np.maximum(w[:-1] - iteration * decay, floor)
     w[-1] = min(w[-1] + iteration * (steps - 1) * decay, 1.0 - (steps - 1) * floor)
     return w
+
+
+def last_linear(model: nn.Module) -> list[str]:
+    """Names of the parameters of the last `nn.Linear` in `model.named_modules()` order."""
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ValueError("the default head is the model's last nn.Linear, and this model has none; "
+                         "pass the head's parameter names")
+    prefix = f"{linears[-1]}." if linears[-1] else ""
+    return [f"{prefix}{n}" for n, p in model.get_submodule(linears[-1]).named_parameters() if p.requires_grad]
 
 
 class MAML(Algorithm):
@@ -56,6 +71,7 @@ class MAML(Algorithm):
         adapt_names: Sequence[str] | None = None,
         eval_steps: int | None = None,
         task_loss: core.TaskLoss | None = None,
+        zero_head: bool | Sequence[str] = False,
     ) -> None:
         if lslr and inner_opt is None:
             params = core.named_params(model)
@@ -67,6 +83,17 @@ class MAML(Algorithm):
         check_steps(multi_step_loss_iters=multi_step_loss_iters, order_anneal_iters=order_anneal_iters)
         self.multi_step_loss_iters = int(multi_step_loss_iters)
         self.order_anneal_iters = int(order_anneal_iters)
+        self.zero_names = last_linear(model) if zero_head is True else list(zero_head or [])
+        unknown = sorted(set(self.zero_names) - set(core.named_params(model)))
+        if unknown:
+            raise ValueError(f"zero_head names {unknown}, which are not parameters of the model")
+
+    def params(self) -> Params:
+        """The start of every task's adaptation: the model's parameters, those of `zero_head` at zero."""
+        theta = super().params()
+        # A leaf that requires grad like the parameter it stands for: the inner loop differentiates through it.
+        return {n: torch.zeros_like(p).requires_grad_(p.requires_grad) if n in self.zero_names else p
+                for n, p in theta.items()}
 
     def order_at(self, iteration: int) -> int:
         """The order in force at `iteration`: first order during the annealing phase, then `order`."""

@@ -75,6 +75,7 @@ class OmniglotConfig:
     lslr: bool | None = None        # maml/maml++ only: learned per-layer per-step inner rates; None: the default
     multi_step_loss_iters: int | None = None  # maml/maml++ only; None: the algorithm's default
     order_anneal_iters: int | None = None     # maml/maml++ only; None: the algorithm's default
+    zero_head: bool = False         # maml, fomaml, anil, maml++: each adaptation starts with the head at zero
     per_step_bn: bool = False       # MAML++: batch-norm weights and biases per inner step (outer loop only)
     running_stats: bool = False     # MAML++: per-step running statistics (the loop path: no vmap, no parallel)
     bn_statistics: str = "batch"    # meta-test normalisation: batch (each task's own, as MAML) | running
@@ -156,6 +157,8 @@ def spec(cfg: OmniglotConfig) -> dict:
     for key in ("lslr", "multi_step_loss_iters", "order_anneal_iters"):
         if getattr(cfg, key) is not None:
             args[key] = getattr(cfg, key)
+    if cfg.zero_head:
+        args["zero_head"] = True
     model_args = {"ways": cfg.ways, "hidden": cfg.hidden, "pool": cfg.pool}
     if cfg.per_step_bn:  # one set per number of inner updates, 0..inner_steps (more at meta-test reuse the last)
         model_args.update(per_step_bn=cfg.inner_steps + 1, running_stats=cfg.running_stats)
