@@ -48,7 +48,7 @@ def last_linear(model: nn.Module) -> list[str]:
     linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linears:
         raise ValueError("the default head is the model's last nn.Linear, and this model has none; "
-                         "pass the head's parameter names")
+                         "pass head=[parameter names] (ANIL) or zero_head=[parameter names]")
     prefix = f"{linears[-1]}." if linears[-1] else ""
     return [f"{prefix}{n}" for n, p in model.get_submodule(linears[-1]).named_parameters() if p.requires_grad]
 
