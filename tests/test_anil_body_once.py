@@ -3,11 +3,12 @@ inner loop over the whole model (MAML masked to the head), and fewer body passes
 
 import pytest
 import torch
-from helpers import rel_err
+from helpers import finite_difference, rel_err
 from torch import nn
 
 from metagrad import TaskBatch
-from metagrad.algorithms import ANIL, MAML
+from metagrad.algorithms import ALGORITHMS, ANIL, MAML
+from metagrad.experiments.omniglot import Omniglot20w1sConfig, spec
 from metagrad.models import Conv4
 
 
@@ -107,3 +108,47 @@ def test_anil_runs_the_whole_model_with_per_step_batch_norm(gen):
     assert rel_err(torch.cat([g.flatten() for g in got.values()]),
                    torch.cat([g.flatten() for g in want.values()])) < 1e-12
     assert body_passes(anil.model, lambda: anil.meta_gradient(batch)) == (2 + 1) * len(batch)
+
+
+@pytest.mark.parametrize("path", ["loop", "vmap"])
+def test_anil_learned_per_step_head_rates_give_the_whole_model_inner_loops_meta_gradient(path, gen):
+    batch = conv_batch(gen)
+    anil, ref = pair(conv4, inner_lr=0.3, inner_steps=3, loss_fn=nn.functional.cross_entropy, path=path, lslr=True)
+    # One rate per head tensor and step, none for the body; different everywhere, so a mixed-up index would show.
+    assert {n: tuple(r.shape) for n, r in anil.inner_meta_params.items()} == \
+        {n: tuple(r.shape) for n, r in ref.inner_meta_params.items()} and len(anil.inner_meta_params) == 2
+    assert all(tuple(r.shape) == (3,) for r in anil.inner_meta_params.values())
+    with torch.no_grad():
+        for a, r in zip(anil.inner_meta_params.values(), ref.inner_meta_params.values()):
+            a.copy_(torch.empty_like(a).uniform_(0.05, 0.6, generator=gen))
+            r.copy_(a)
+    got, want = anil.meta_gradient(batch), ref.meta_gradient(batch)
+    assert list(got) == list(want)
+    assert rel_err(torch.cat([g.flatten() for g in got.values()]),
+                   torch.cat([g.flatten() for g in want.values()])) < 1e-12
+    rates = [g for n, g in got.items() if not n.startswith("model.")]
+    assert len(rates) == 2 and all((g != 0).all() for g in rates)  # every step's rate has a gradient
+    assert body_passes(anil.model, lambda: anil.meta_gradient(batch)) == 2 * (1 if path == "vmap" else len(batch))
+
+
+def test_anil_learned_head_rates_gradient_matches_finite_differences(gen):
+    batch = conv_batch(gen, tasks=2)
+    anil = ANIL(conv4(), inner_lr=0.3, inner_steps=2, loss_fn=nn.functional.cross_entropy, path="loop", lslr=True)
+    rates = list(anil.inner_meta_params.values())
+    with torch.no_grad():
+        for r in rates:
+            r.uniform_(0.1, 0.5, generator=gen)
+    analytic = torch.cat([g.flatten() for g in torch.autograd.grad(anil.meta_loss(batch), rates)])
+    numeric = torch.cat([g.flatten() for g in finite_difference(lambda: anil.meta_loss(batch), rates)])
+    assert rel_err(analytic, numeric) < 1e-7
+
+
+def test_anil_takes_maml_plus_plus_schedules_and_the_omniglot_config_keys():
+    anil = ANIL(conv4(), inner_steps=5, multi_step_loss_iters=100, order_anneal_iters=50)
+    assert (anil.multi_step_loss_iters, anil.current_order(), anil.order) == (100, 1, 2)
+    s = spec(Omniglot20w1sConfig(algorithm="anil", lslr=True, multi_step_loss_iters=10))
+    assert s["algorithm_args"]["lslr"] is True and s["algorithm_args"]["multi_step_loss_iters"] == 10
+    alg = ALGORITHMS[s["algorithm"]](Conv4(**s["model_args"]), **s["algorithm_args"])
+    assert isinstance(alg, ANIL) and alg.inner_opt.name == "per_layer_per_step_lr"
+    assert [tuple(r.shape) for r in alg.inner_meta_params.values()] == [(5,), (5,)]  # the head's weight and bias
+    assert alg.multi_step_loss_iters == 10

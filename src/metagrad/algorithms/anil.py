@@ -46,12 +46,18 @@ class ANIL(MAML):
         head: Sequence[str] | None = None,
         eval_steps: int | None = None,
         zero_head: bool | Sequence[str] = False,
+        lslr: bool = False,
+        multi_step_loss_iters: int = 0,
+        order_anneal_iters: int = 0,
     ) -> None:
         head = last_linear(model) if head is None else list(head)
         if not head:
             raise ValueError("head must name at least one parameter of the model")
-        super().__init__(model, inner_lr, inner_steps, order, loss_fn, inner_opt, path, adapt_names=head,
-                         eval_steps=eval_steps, zero_head=head if zero_head is True else zero_head)
+        # MAML++'s options apply to the head's inner loop as they do to MAML's: a learned rate per head tensor
+        # and step, the query loss after every step, first order before second.
+        super().__init__(model, inner_lr, inner_steps, order, loss_fn, inner_opt, path, lslr=lslr,
+                         multi_step_loss_iters=multi_step_loss_iters, order_anneal_iters=order_anneal_iters,
+                         adapt_names=head, eval_steps=eval_steps, zero_head=head if zero_head is True else zero_head)
         self._head = head_module(model, head)
 
     def adapt_and_evaluate(self, on: Adapter, params: Params, support: Any, query: Any,

@@ -72,9 +72,9 @@ class OmniglotConfig:
     pool: str = "stride"            # stride: the MAML paper's Omniglot net; max: 2x2 max-pooling (MAML++'s)
     lr_schedule: str = "constant"   # constant | cosine (to min_outer_lr over the iterations, MAML++)
     min_outer_lr: float = 0.0
-    lslr: bool | None = None        # maml/maml++ only: learned per-layer per-step inner rates; None: the default
-    multi_step_loss_iters: int | None = None  # maml/maml++ only; None: the algorithm's default
-    order_anneal_iters: int | None = None     # maml/maml++ only; None: the algorithm's default
+    lslr: bool | None = None        # maml/maml++/anil: learned per-layer per-step inner rates; None: the default
+    multi_step_loss_iters: int | None = None  # maml/maml++/anil; None: the algorithm's default
+    order_anneal_iters: int | None = None     # maml/maml++/anil; None: the algorithm's default
     zero_head: bool = False         # maml, fomaml, anil, maml++: each adaptation starts with the head at zero
     per_step_bn: bool = False       # MAML++: batch-norm weights and biases per inner step (outer loop only)
     running_stats: bool = False     # MAML++: per-step running statistics (the loop path: no vmap, no parallel)
