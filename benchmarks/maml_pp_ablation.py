@@ -28,11 +28,19 @@ validates 10 times (inside its budget) so that the ensemble has checkpoints to c
 
 Each run is a normal run folder under `--out`; the table (accuracy on 600 test episodes, 95% CI, difference to
 the full configuration, iterations reached) is printed and written to `--out`/ablation.md and ablation.json.
+A row whose folder already holds a finished run of exactly the config it would be given is read, not trained
+again (`--rerun` trains it anyway), so the seven hours can be spent in parts, and two rows can train at once,
+each on a core of its own, into the same `--out` (set `--iterations` so that every part has one schedule):
+
+    OMP_NUM_THREADS=1 taskset -c 0 python benchmarks/maml_pp_ablation.py --iterations 400 --rows=full &
+    OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/maml_pp_ablation.py --iterations 400 --rows=-LSLR --no-full
+    python benchmarks/maml_pp_ablation.py --iterations 400 --table     # the table of every finished row
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -66,12 +74,35 @@ SMOKE = {"iterations": 4, "meta_batch": 2, "hidden": 8, "inner_steps": 2, "eval_
          "log_every": 2, "checkpoint_every": 2}
 
 
+def row_folder(name: str, out: Path) -> Path:
+    """Where row `name`'s run lives."""
+    return out / name.replace(" ", "_").replace("+", "plus_").replace("-", "minus_")
+
+
+def sets_of(changes: dict) -> list[str]:
+    """The `--set` values of a config change, as `metagrad run` takes them."""
+    return [f"{k}={json.dumps(v) if isinstance(v, bool) else v}" for k, v in changes.items()]
+
+
+def finished(name: str, changes: dict, base: dict, out: Path) -> dict | None:
+    """Row `name`'s results.json if its folder holds a finished run of exactly this config, else None."""
+    folder = row_folder(name, out)
+    if not (folder / "results.json").is_file() or not (folder / "config.json").is_file():
+        return None
+    # The config the row would run with, resolved as `metagrad run` resolves it (strings to each key's type).
+    want = dataclasses.asdict(get(EXPERIMENT).make_config(parse_sets(sets_of({**base, **changes}))))
+    have = json.loads((folder / "config.json").read_text())
+    if json.loads(json.dumps(want)) != have:
+        return None
+    return json.loads((folder / "results.json").read_text())
+
+
 def run_row(name: str, changes: dict, base: dict, out: Path) -> dict:
     """One run of the experiment with `base` and `changes` set; its results.json."""
-    folder = out / name.replace(" ", "_").replace("+", "plus_").replace("-", "minus_")
+    folder = row_folder(name, out)
     argv = ["run", EXPERIMENT, "--out", str(folder), "--overwrite"]
-    for k, v in {**base, **changes}.items():
-        argv += ["--set", f"{k}={json.dumps(v) if isinstance(v, bool) else v}"]
+    for kv in sets_of({**base, **changes}):
+        argv += ["--set", kv]
     print(f"[{name}] metagrad {' '.join(argv)}", file=sys.stderr, flush=True)
     if metagrad_main(argv) != 0:
         raise SystemExit(f"row {name!r} failed")
@@ -87,13 +118,14 @@ def iterations_in(minutes: float, base: dict, out: Path) -> int:
 
 
 def table(results: dict[str, dict]) -> list[dict]:
-    """One line per row (and the full run's ensemble), with the difference to the full configuration."""
-    full = results["full"]["accuracy"]
+    """One line per row (and the full run's ensemble), with the difference to the full configuration (None
+    while the full configuration has not run)."""
+    full = results["full"]["accuracy"] if "full" in results else None
     lines = []
     for name, r in results.items():
         lines.append({"row": name, "accuracy %": 100 * r["accuracy"], "ci95 %": 100 * r["ci95"],
-                      "vs full (points)": 100 * (r["accuracy"] - full), "iterations": r["iterations"],
-                      "train minutes": r["train_seconds"] / 60})
+                      "vs full (points)": None if full is None else 100 * (r["accuracy"] - full),
+                      "iterations": r["iterations"], "train minutes": r["train_seconds"] / 60})
         if name == "full" and "ensemble" in r:
             e = r["ensemble"]
             lines.append({"row": f"full, ensemble of {len(e['iterations'])}", "accuracy %": 100 * e["mean"],
@@ -105,7 +137,8 @@ def table(results: dict[str, dict]) -> list[dict]:
 def markdown(lines: list[dict]) -> str:
     """The table in markdown."""
     out = ["| row | accuracy % (95% CI) | vs full (points) | iterations | train minutes |", "|---|---|---|---|---|"]
-    out += [f"| {x['row']} | {x['accuracy %']:.2f} ± {x['ci95 %']:.2f} | {x['vs full (points)']:+.2f} | "
+    out += [f"| {x['row']} | {x['accuracy %']:.2f} ± {x['ci95 %']:.2f} | "
+            f"{'' if x['vs full (points)'] is None else format(x['vs full (points)'], '+.2f')} | "
             f"{x['iterations']} | {x['train minutes']:.1f} |" for x in lines]
     return "\n".join(out)
 
@@ -116,7 +149,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="runs/maml-pp-ablation")
     p.add_argument("--minutes", type=float, default=60.0, help="meta-training budget of every run, in minutes")
     p.add_argument("--rows", help="only these rows, comma-separated, after '=' (--rows=-MSL,+DA; default: all; "
-                                  "'full' is always run)")
+                                  "'full' is always run unless --no-full)")
+    p.add_argument("--no-full", action="store_true", help="do not run the full configuration (another "
+                   "invocation into the same --out runs it)")
+    p.add_argument("--rerun", action="store_true", help="train a row even if --out holds a finished run of it "
+                   "with the same config")
+    p.add_argument("--table", action="store_true", help="train nothing: the table of the rows --out holds "
+                   "finished with this config")
     p.add_argument("--data", help="folder holding omniglot/ (default: $METAGRAD_DATA)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--path", default="loop", help="execution path of every run but the BNRS row's, whose "
@@ -134,17 +173,31 @@ def main(argv: list[str] | None = None) -> None:
         base["data"] = args.data
     sets = parse_sets(args.set)
     base.update(sets)
-    chosen = ["full"] + [r for r in (args.rows.split(",") if args.rows else rows(1)) if r != "full"]
+    named = args.rows.split(",") if args.rows else list(rows(1))
+    chosen = ([] if args.no_full else ["full"]) + [r for r in named if r != "full" or args.no_full]
     unknown = sorted(set(chosen) - set(rows(1)))
     if unknown:
         p.error(f"unknown rows {unknown}; known: {list(rows(1))}")
+    if args.table and not (base.get("iterations") or args.iterations):
+        p.error("--table needs the schedule's length: --iterations N")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     iterations = int(base.get("iterations") or args.iterations or iterations_in(args.minutes, base, out))
     base.update({**fitted_schedule(cfg, iterations, VALIDATIONS), **sets})  # what --set names stays as set
     print(f"every run is scheduled over {iterations} iterations", file=sys.stderr, flush=True)
     grid = rows(iterations)
-    results = {name: run_row(name, grid[name], base, out) for name in chosen}
+    results = {}
+    for name in [] if args.table else chosen:
+        done = None if args.rerun else finished(name, grid[name], base, out)
+        if done is not None:
+            print(f"[{name}] finished before in {row_folder(name, out)}: read, not trained again",
+                  file=sys.stderr, flush=True)
+        results[name] = done or run_row(name, grid[name], base, out)
+    # And every row of this config that other invocations into the same --out have finished.
+    others = {name: finished(name, grid[name], base, out) for name in grid if name not in results}
+    results = {name: results.get(name) or others[name] for name in grid if results.get(name) or others.get(name)}
+    if not results:
+        raise SystemExit(f"no finished row of this config in {out}")
     lines = table(results)
     text = (f"MAML++ ablation, {EXPERIMENT}, {args.minutes:g} minutes per run, scheduled over {iterations} "
             f"iterations (multi-step loss for the first {base['multi_step_loss_iters']})"

@@ -1,11 +1,15 @@
 """The benchmark drivers' own arithmetic: schedules fitted to a budget's iterations, the bf16 profile's workloads."""
 
 import argparse
+import dataclasses
 import importlib.util
+import json
 from pathlib import Path
 
+from metagrad.cli import parse_sets
 from metagrad.experiments import get
 from metagrad.experiments.omniglot import fitted_schedule
+from metagrad.runs import Run
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,6 +55,44 @@ def test_ablation_schedules_every_row_over_the_iterations_that_fit_its_budget(tm
     full = calls[0][1]
     assert (full["iterations"], full["multi_step_loss_iters"], full["val_every"]) == ("300", 24, "100")
     assert calls[1][1]["multi_step_loss_iters"] == 0
+
+
+def test_ablation_reads_rows_finished_with_the_same_config_and_trains_the_rest(tmp_path):
+    ab = load("maml_pp_ablation")
+    trained = []
+
+    def fake_run_row(name, changes, base, out):  # writes the folder as `metagrad run` does: config.json, results
+        trained.append(name)
+        cfg = get(ab.EXPERIMENT).make_config(parse_sets(ab.sets_of({**base, **changes})))
+        Run(ab.row_folder(name, out), dataclasses.asdict(cfg), overwrite=True)
+        acc = {"full": 0.90, "-LSLR": 0.85, "-MSL": 0.88}[name]
+        result = {"accuracy": acc, "ci95": 0.01, "iterations": base["iterations"], "train_seconds": 60.0}
+        (ab.row_folder(name, out) / "results.json").write_text(json.dumps(result))
+        return result
+
+    ab.run_row = fake_run_row
+    args = ["--out", str(tmp_path), "--iterations", "200"]
+    ab.main(args + ["--rows=full"])  # one invocation trains full, another (on the other core) a row
+    ab.main(args + ["--rows=-LSLR", "--no-full"])
+    assert trained == ["full", "-LSLR"]
+    rows = json.loads((tmp_path / "ablation.json").read_text())["rows"]
+    assert [(r["row"], round(r["vs full (points)"], 6)) for r in rows] == [("full", 0.0), ("-LSLR", -5.0)]
+
+    trained.clear()  # finished rows are read, not trained again; a new row is trained
+    ab.main(args + ["--rows=-LSLR,-MSL"])
+    assert trained == ["-MSL"]
+    assert [r["row"] for r in json.loads((tmp_path / "ablation.json").read_text())["rows"]] == ["full", "-LSLR",
+                                                                                                  "-MSL"]
+    ab.main(args + ["--table"])  # trains nothing
+    assert trained == ["-MSL"]
+    ab.main(args + ["--rows=-LSLR", "--rerun"])
+    assert trained == ["-MSL", "full", "-LSLR"]
+
+    trained.clear()  # another schedule, seed or any config key is another experiment: nothing of it is read
+    ab.main(["--out", str(tmp_path), "--iterations", "300", "--rows=-MSL"])
+    ab.main(args + ["--rows=-MSL", "--set", "seed=1"])
+    assert trained == ["full", "-MSL", "full", "-MSL"]
+    assert ab.finished("full", {}, {"iterations": 200}, tmp_path / "nowhere") is None
 
 
 def test_budget_recipe_fits_the_maml_plus_plus_schedule_to_its_budget(monkeypatch):
