@@ -45,6 +45,8 @@ def test_ablation_schedules_every_row_over_the_iterations_that_fit_its_budget(tm
         assert (config["iterations"], config["multi_step_loss_iters"], config["val_every"]) == (1440, 115, 144)
         assert (config["budget_minutes"], config["curve_steps"]) == (60, "5")
     assert runs[1][1]["order_anneal_iters"] == 480 and runs[2][1]["lr_schedule"] == "constant"
+    # the ensemble is tested on the full configuration only
+    assert "ensemble" not in runs[0][1] and runs[1][1]["ensemble"] == runs[2][1]["ensemble"] == 0
     table = (tmp_path / "ablation.md").read_text()
     assert "scheduled over 1440 iterations (multi-step loss for the first 115)" in table
 
@@ -93,6 +95,11 @@ def test_ablation_reads_rows_finished_with_the_same_config_and_trains_the_rest(t
     ab.main(args + ["--rows=-MSL", "--set", "seed=1"])
     assert trained == ["full", "-MSL", "full", "-MSL"]
     assert ab.finished("full", {}, {"iterations": 200}, tmp_path / "nowhere") is None
+    # a row that differs only in what is tested after training (the ensemble) is the same row
+    base = {"iterations": 200, "seed": 1, "budget_minutes": 60.0, "device": "cpu", "path": "loop"}
+    base.update(fitted_schedule(get(ab.EXPERIMENT).make_config(), 200, ab.VALIDATIONS))
+    assert ab.finished("-MSL", {"multi_step_loss_iters": 0, "ensemble": 5}, base, tmp_path) is not None
+    assert ab.finished("-MSL", {"multi_step_loss_iters": 1}, base, tmp_path) is None
 
 
 def test_budget_recipe_fits_the_maml_plus_plus_schedule_to_its_budget(monkeypatch):
