@@ -8,8 +8,7 @@ Each row changes one option and trains for the same wall-time budget (`--minutes
 
 | row | change |
 |---|---|
-| full | none (its ensemble row comes from the same run: the ensemble needs no training of its own; the other
-rows validate as often but test no ensemble) |
+| full | none (and its ensemble row: no training of its own; the other rows validate alike, test no ensemble) |
 | -LSLR | one fixed inner rate (`lslr=false`) |
 | -MSL | the last step's query loss only (`multi_step_loss_iters=0`) |
 | +DA | first order for the first third of the iterations (the paper's DA; its code: second order throughout) |
