@@ -79,6 +79,8 @@ class OmniglotConfig:
     per_step_bn: bool = False       # MAML++: batch-norm weights and biases per inner step (outer loop only)
     running_stats: bool = False     # MAML++: per-step running statistics (the loop path: no vmap, no parallel)
     bn_statistics: str = "batch"    # meta-test normalisation: batch (each task's own, as MAML) | running
+    # (running: chance level, 5.75%, in the 20-way ablation of benchmarks/README.md: the inner rates were learned
+    # under batch statistics, and the MAML++ code itself always normalises with the batch's)
     ensemble: int = 0               # MAML++: test the ensemble of this many best validation checkpoints too
     eval_tasks: int = 600
     curve_steps: int = 10           # the adaptation curve is measured over 0..max(curve_steps, eval_steps) steps
