@@ -49,6 +49,7 @@ from metagrad.cli import main as metagrad_main
 from metagrad.cli import parse_sets
 from metagrad.experiments import get
 from metagrad.experiments.omniglot import fitted_schedule
+from metagrad.runs import normalise
 
 EXPERIMENT = "omniglot-20w1s-maml++"
 
@@ -93,10 +94,9 @@ def finished(name: str, changes: dict, base: dict, out: Path) -> dict | None:
     if not (folder / "results.json").is_file() or not (folder / "config.json").is_file():
         return None
     # The config the row would run with, resolved as `metagrad run` resolves it (strings to each key's type).
-    want = dataclasses.asdict(get(EXPERIMENT).make_config(parse_sets(sets_of({**base, **changes}))))
+    want = normalise(dataclasses.asdict(get(EXPERIMENT).make_config(parse_sets(sets_of({**base, **changes})))))
     have = json.loads((folder / "config.json").read_text())
-    if {k: v for k, v in json.loads(json.dumps(want)).items() if k not in AFTER_TRAINING} != \
-            {k: v for k, v in have.items() if k not in AFTER_TRAINING}:
+    if any(want.get(k) != have.get(k) for k in set(want) | set(have) if k not in AFTER_TRAINING):
         return None
     return json.loads((folder / "results.json").read_text())
 
@@ -201,8 +201,8 @@ def main(argv: list[str] | None = None) -> None:
                   file=sys.stderr, flush=True)
         results[name] = done or run_row(name, grid[name], base, out)
     # And every row of this config that other invocations into the same --out have finished.
-    others = {name: finished(name, grid[name], base, out) for name in grid if name not in results}
-    results = {name: results.get(name) or others[name] for name in grid if results.get(name) or others.get(name)}
+    found = {**{name: finished(name, grid[name], base, out) for name in grid if name not in results}, **results}
+    results = {name: found[name] for name in grid if found[name] is not None}
     if not results:
         raise SystemExit(f"no finished row of this config in {out}")
     lines = table(results)
