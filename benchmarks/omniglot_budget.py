@@ -187,7 +187,7 @@ def train_recipe(cell: str, args: argparse.Namespace) -> dict:
     algorithm.to(args.device)
     test = experiment.test_tasks(cfg)
     fixed_val = experiment.Omniglot(split="val", **experiment.task_args(cfg)).sample(
-        cfg.val_tasks, torch.Generator().manual_seed(args.seed + 1))  # as meta_train's validation
+        cfg.val_tasks, torch.Generator().manual_seed(args.seed + 1)) if cfg.ensemble else None  # as meta_train's
     optimizer = torch.optim.Adam(algorithm.parameters(), lr=cfg.outer_lr)
     gen = torch.Generator().manual_seed(args.seed)
     budget = args.minutes * 60
