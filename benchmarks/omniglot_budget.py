@@ -46,6 +46,14 @@ the paper's MAML; each gets `--threads` threads:
     .venv-bench/bin/python benchmarks/omniglot_budget.py --tasks 20w1s --minutes 10 --recipe paper \
         --set algorithm=anil --inner-lr 0.4 --path vmap --peers learn2learn-anil --side-by-side --data ../shared/data
 
+`--val-characters 0` trains every implementation on all 1,200 meta-training characters instead of the MAML
+reference code's 1,100 (it holds the other 100 out for validation); the 423 test characters stay the same:
+
+    .venv-bench/bin/python benchmarks/omniglot_budget.py --tasks 5w1s --minutes 30 --recipe paper --val-characters 0 \
+        --set lr_schedule=cosine --set min_outer_lr=1e-5 --set outer_lr=3e-3 --set lslr=true --set val_every=0 \
+        --schedule-iterations 10000 --path vmap --threads 2 --peers learn2learn --outer-lr 3e-3 --eval-tasks 1000 \
+        --data ../shared/data
+
 `--side-by-side` runs the implementations of a task at the same time, each in its own process pinned
 to its own core with one thread: the same hardware for each, and half the wall time on 2 cores:
 
@@ -86,6 +94,7 @@ DEFAULT_PEERS = ("learn2learn", "higher")  # their MAML: the paper's algorithm
 RECIPES = {"paper": "omniglot-{cell}", "maml++": "omniglot-{cell}-maml++"}  # ours: an experiment's config
 PROBE = 20  # iterations of a throwaway run timed to fit a schedule to the budget
 VALIDATIONS = 10  # with an ensemble: validations spread over a fitted schedule, its checkpoints' candidates
+VAL_CHARACTERS = experiment.OmniglotConfig.val_characters  # the MAML reference code's validation characters
 
 
 def learn2learn_anil_step(model: Conv4, loss_fn: Callable, inner_lr: float, steps: int, order: int) -> Callable:
@@ -157,7 +166,7 @@ def recipe_config(cell: str, args: argparse.Namespace) -> tuple[experiment.Omnig
     sets = dict(args.set)
     # The driver's own options enter the config as overrides, so the recipe's config is the one value; --set wins.
     driver = {"path": args.path, "data": args.data, "device": args.device, "seed": args.seed,
-              "curve_steps": args.curve_steps, "eval_tasks": args.eval_tasks}
+              "curve_steps": args.curve_steps, "eval_tasks": args.eval_tasks, "val_characters": args.val_characters}
     if args.inner_lr is not None:
         driver["inner_lr"] = args.inner_lr
     overrides = {**driver, **sets}
@@ -213,6 +222,8 @@ def train_recipe(cell: str, args: argparse.Namespace) -> dict:
             points.append(point)
             curves.append(curve)
     named = ([("inner_lr", cfg.inner_lr)] if args.inner_lr is not None and "inner_lr" not in dict(args.set) else [])
+    if args.val_characters != VAL_CHARACTERS and "val_characters" not in dict(args.set):
+        named.append(("val_characters", cfg.val_characters))
     out = {"impl": f"metagrad ({args.recipe}{''.join(f', {k}={v}' for k, v in [*named, *args.set])})", "cell": cell,
            "points": points, "curves": curves, "schedule_iterations": horizon}
     if best:
@@ -238,7 +249,8 @@ def train_and_evaluate(impl: str, cell: str, args: argparse.Namespace) -> dict:
         return train_recipe(cell, args)
     ways, shots, inner_lr, inner_steps, eval_steps, meta_batch = CELLS[cell]
     inner_lr = inner_lr if args.inner_lr is None else args.inner_lr
-    task_args = dict(ways=ways, shots=shots, query_shots=shots, root=args.data or None, device=args.device)
+    task_args = dict(ways=ways, shots=shots, query_shots=shots, val_characters=args.val_characters,
+                     root=args.data or None, device=args.device)
     tasks, test = Omniglot(**task_args), Omniglot(split="test", **task_args)
     torch.manual_seed(args.seed)
     model = Conv4(ways, 1, 64, pool="stride").to(args.device)
@@ -274,7 +286,9 @@ def train_and_evaluate(impl: str, cell: str, args: argparse.Namespace) -> dict:
             curves.append(curve)
     if args.path.startswith("parallel"):
         distributed.shutdown()
-    label = impl if args.inner_lr is None else f"{impl} (inner_lr={inner_lr})"
+    changed = ([f"inner_lr={inner_lr}"] if args.inner_lr is not None else []) + (
+        [f"val_characters={args.val_characters}"] if args.val_characters != VAL_CHARACTERS else [])
+    label = f"{impl} ({', '.join(changed)})" if changed else impl
     return {"impl": label, "cell": cell, "points": points, "curves": curves}
 
 
@@ -354,6 +368,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--outer-lr", type=float, default=1e-3,
                    help="every implementation's outer rate (Adam, constant); --recipe: ours takes the config's "
                         "outer_lr (--set outer_lr=) and schedule instead")
+    p.add_argument("--val-characters", type=int, default=VAL_CHARACTERS,
+                   help="meta-training characters every implementation holds out for validation (the MAML reference "
+                        "code's 100 of the 1,200); 0: all 1,200 train. --recipe: the config's val_characters")
     p.add_argument("--no-ours", action="store_true",
                    help="run the peers alone, e.g. a peer at another --outer-lr beside an earlier run of ours")
     p.add_argument("--threads", type=int, default=0, help="torch threads for every implementation; 0: default")

@@ -116,7 +116,8 @@ def test_budget_recipe_fits_the_maml_plus_plus_schedule_to_its_budget(monkeypatc
     def config(recipe, *sets, **kw):
         args = argparse.Namespace(recipe=recipe, set=[tuple(s.split("=", 1)) for s in sets], path="loop", data="",
                                   device="cpu", seed=0, minutes=60.0, schedule_iterations=kw.get("length", 0),
-                                  curve_steps=kw.get("curve_steps", 10), eval_tasks=600, inner_lr=kw.get("inner_lr"))
+                                  curve_steps=kw.get("curve_steps", 10), eval_tasks=600, inner_lr=kw.get("inner_lr"),
+                                  val_characters=kw.get("val_characters", 100))
         return ob.recipe_config("20w1s", args)
 
     cfg, horizon = config("maml++")  # the MSL keeps its 10,000/125,000 share, 10 validations for the ensemble
@@ -136,6 +137,9 @@ def test_budget_recipe_fits_the_maml_plus_plus_schedule_to_its_budget(monkeypatc
     assert (cfg.inner_lr, cfg.curve_steps) == (0.2, 3)
     cfg, _ = config("paper", "algorithm=maml++", length=600)  # a None stands for MAML++'s defaults, scaled
     assert (cfg.multi_step_loss_iters, cfg.order_anneal_iters) == (50, 250)
+    # --val-characters reaches the config (0: all 1,200 characters train); --set wins again.
+    assert cfg.val_characters == 100 and config("paper", val_characters=0)[0].val_characters == 0
+    assert config("paper", "val_characters=50", val_characters=0)[0].val_characters == 50
 
 
 def test_bf16_profile_builds_the_workloads_shapes_and_sorts_kernels_by_kind(monkeypatch):
@@ -218,14 +222,16 @@ def test_budget_peers_path_trains_and_evaluates_every_implementation_at_the_chos
     ob = load("omniglot_budget")
 
     class Episodes:  # Omniglot's interface, random 5-way 1-shot episodes: no data needed
-        def __init__(self, ways: int, shots: int, query_shots: int, root, device: str, split: str = "train"):
+        def __init__(self, ways: int, shots: int, query_shots: int, val_characters: int, root, device: str,
+                     split: str = "train"):
             self.ways = ways
+            held_out.append(val_characters)
 
         def sample(self, n: int, gen: torch.Generator) -> TaskBatch:
             x, y = torch.randn(n, self.ways, 1, 28, 28, generator=gen), torch.arange(self.ways).expand(n, -1)
             return TaskBatch(x, y, x, y)
 
-    trained, evaluated = [], []
+    trained, evaluated, held_out = [], [], []
 
     def step(model, loss_fn, inner_lr, steps, order, *path):
         trained.append(inner_lr)
@@ -241,11 +247,17 @@ def test_budget_peers_path_trains_and_evaluates_every_implementation_at_the_chos
     monkeypatch.setattr(ob, "evaluated", evaluation)
     for cell, inner_lr, expected in (("5w1s", None, 0.4), ("20w1s", None, 0.1), ("20w1s", 0.4, 0.4)):
         args = argparse.Namespace(inner_lr=inner_lr, data="", device="cpu", seed=0, path="loop", outer_lr=1e-3,
-                                  minutes=1e-9, evals=1, curve_steps=1, eval_tasks=1, recipe="")
+                                  minutes=1e-9, evals=1, curve_steps=1, eval_tasks=1, recipe="", val_characters=100)
         rows = [ob.train_and_evaluate(impl, cell, args) for impl in ("metagrad", "higher")]
         assert trained[-2:] == evaluated[-2:] == [expected, expected]
         assert [r["impl"] for r in rows] == (["metagrad", "higher"] if inner_lr is None else
                                              ["metagrad (inner_lr=0.4)", "higher (inner_lr=0.4)"])
+    # --val-characters 0: every implementation's task families train on all 1,200 characters, and the label says so.
+    args.inner_lr, args.val_characters = None, 0
+    held_out.clear()
+    rows = [ob.train_and_evaluate(impl, "5w1s", args) for impl in ("metagrad", "higher")]
+    assert held_out == [0, 0, 0, 0]  # train and test families of each
+    assert [r["impl"] for r in rows] == ["metagrad (val_characters=0)", "higher (val_characters=0)"]
 
 
 def test_budget_no_ours_runs_the_peers_alone_at_their_outer_rate(monkeypatch):
