@@ -188,6 +188,13 @@ def recipe_config(cell: str, args: argparse.Namespace) -> tuple[experiment.Omnig
     return cfg, horizon
 
 
+def driver_options(args: argparse.Namespace, sets: dict | None = None) -> list[tuple[str, object]]:
+    """The driver's options a row's label names: those changed from the paper's, unless --set names them too."""
+    changed = [("inner_lr", args.inner_lr)] if args.inner_lr is not None else []
+    changed += [("val_characters", args.val_characters)] if args.val_characters != VAL_CHARACTERS else []
+    return [(k, v) for k, v in changed if k not in (sets or {})]
+
+
 def train_recipe(cell: str, args: argparse.Namespace) -> dict:
     """Meta-train ours with a documented recipe (an experiment's config) for the budget; evaluate at evenly spaced
     points of it, and the ensemble of the best validation checkpoints at the last."""
@@ -222,9 +229,7 @@ def train_recipe(cell: str, args: argparse.Namespace) -> dict:
                                      trained, iterations, f"metagrad {args.recipe} {cell}")
             points.append(point)
             curves.append(curve)
-    named = ([("inner_lr", cfg.inner_lr)] if args.inner_lr is not None and "inner_lr" not in dict(args.set) else [])
-    if args.val_characters != VAL_CHARACTERS and "val_characters" not in dict(args.set):
-        named.append(("val_characters", cfg.val_characters))
+    named = driver_options(args, dict(args.set))
     out = {"impl": f"metagrad ({args.recipe}{''.join(f', {k}={v}' for k, v in [*named, *args.set])})", "cell": cell,
            "points": points, "curves": curves, "schedule_iterations": horizon}
     if best:
@@ -287,9 +292,8 @@ def train_and_evaluate(impl: str, cell: str, args: argparse.Namespace) -> dict:
             curves.append(curve)
     if args.path.startswith("parallel"):
         distributed.shutdown()
-    changed = ([f"inner_lr={inner_lr}"] if args.inner_lr is not None else []) + (
-        [f"val_characters={args.val_characters}"] if args.val_characters != VAL_CHARACTERS else [])
-    label = f"{impl} ({', '.join(changed)})" if changed else impl
+    changed = driver_options(args)
+    label = f"{impl} ({', '.join(f'{k}={v}' for k, v in changed)})" if changed else impl
     return {"impl": label, "cell": cell, "points": points, "curves": curves}
 
 
