@@ -203,7 +203,7 @@ def train_recipe(cell: str, args: argparse.Namespace) -> dict:
     algorithm.to(args.device)
     test = experiment.test_tasks(cfg)
     # The ensemble's candidates are ranked on meta_train's fixed validation tasks; without one none are drawn.
-    fixed_val = experiment.Omniglot(split="val", **experiment.task_args(cfg)).sample(
+    fixed_val = experiment.Omniglot(split="val", **experiment.eval_task_args(cfg)).sample(
         cfg.val_tasks, torch.Generator().manual_seed(args.seed + 1)) if cfg.ensemble else None
     optimizer = torch.optim.Adam(algorithm.parameters(), lr=cfg.outer_lr)
     gen = torch.Generator().manual_seed(args.seed)

@@ -284,6 +284,31 @@ def test_experiment_resume_is_bit_identical(tmp_path):
     assert all(torch.equal(full[k], resumed[k]) for k in full)
 
 
+def test_eval_query_shots_trains_on_more_query_drawings_and_tests_the_papers_protocol(tmp_path, monkeypatch, capsys):
+    import json
+
+    from metagrad.cli import main
+    from metagrad.experiments.omniglot import OmniglotConfig, spec, test_tasks
+    from metagrad.train import build
+
+    cfg = OmniglotConfig(query_shots=3, eval_query_shots=1, data=ROOT)
+    _, train = build(spec(cfg))
+    gen = torch.Generator().manual_seed(0)
+    assert train.sample(2, gen).query_x.shape == (2, 15, 1, 28, 28)  # 5 ways x 3 drawings at meta-train
+    test = test_tasks(cfg).sample(2, gen)
+    assert test.query_x.shape == (2, 5, 1, 28, 28) and test.query_y.tolist() == [[0, 1, 2, 3, 4]] * 2
+    # `metagrad eval` of the run folder tests as the run did: the same numbers, from the same 5-image queries.
+    monkeypatch.chdir(tmp_path)
+    tiny = [f"--set={k}" for k in ("query_shots=3", "eval_query_shots=1", "iterations=6", "meta_batch=2", "hidden=8",
+                                   "eval_tasks=20", "curve_steps=1", "val_every=0", "path=loop", f"data={ROOT}")]
+    assert main(["run", "omniglot-5w1s", *tiny, "--out", "r"]) == 0
+    assert main(["eval", "r", "--no-progress"]) == 0
+    assert "eval_query_shots" in capsys.readouterr().err
+    run, again = (json.loads((tmp_path / "r" / f).read_text()) for f in ("results.json", "eval.json"))
+    assert again["settings"]["task_args"] == {"query_shots": 1}
+    assert run["evaluation"]["curve"] == again["curve"] and run["evaluation"]["n_tasks"] == again["n_tasks"] == 20
+
+
 def test_named_experiments_carry_the_papers_settings():
     from metagrad.experiments import get
 

@@ -406,6 +406,9 @@ def eval_settings(config: dict[str, Any] | None, args: argparse.Namespace) -> di
     elif config and "eval_tasks" in config:  # a `metagrad train` run
         settings.update(n_tasks=config["eval_tasks"], steps=config.get("eval_steps"))
         source = "the run's eval_tasks and eval_steps (config.json)"
+        if config.get("eval_query_shots") is not None:  # an experiment that tests with its own query size
+            settings["task_args"] = {"query_shots": config["eval_query_shots"]}
+            source = "the run's eval_tasks, eval_steps and eval_query_shots (config.json)"
     for key, flag in (("n_tasks", "n_tasks"), ("steps", "steps"), ("seed", "seed")):
         if getattr(args, flag) is not None:
             settings[key] = getattr(args, flag)

@@ -9,7 +9,8 @@ One experiment per cell of table 1, `omniglot-{5,20}w{1,5}s`, each with `algorit
 convolutions and 64 filters; 5-way: inner_lr 0.4, 1 inner step at meta-train and 3 at meta-test,
 meta_batch 32; 20-way: inner_lr 0.1, 5 steps and 5, meta_batch 16; Adam with outer_lr 1e-3;
 60,000 iterations (`budget_minutes` stops earlier, cleanly); K query drawings per class at
-meta-train and meta-test, as in the reference code. Meta-test: 600 episodes on the 423 held-out
+meta-train and meta-test, as in the reference code (`query_shots`; `eval_query_shots` sets meta-test's and
+validation's apart). Meta-test: 600 episodes on the 423 held-out
 characters, mean accuracy, 95% CI and the adaptation curve.
 
 `omniglot-5w1s-maml++` and `omniglot-20w1s-maml++` take the MAML++ code's Omniglot settings
@@ -56,6 +57,9 @@ class OmniglotConfig:
     ways: int = 5
     shots: int = 1
     query_shots: int = 1            # per class; the reference code uses K (= shots)
+    # Per class at validation and meta-test; None: query_shots. More query drawings at meta-train with the
+    # papers' test protocol (K per class) unchanged: query_shots=3 eval_query_shots=1.
+    eval_query_shots: int | None = None
     algorithm: str = "maml"         # maml | fomaml | reptile | anil | metasgd | maml++
     order: int = 2                  # for maml, anil, metasgd, maml++ (fomaml and reptile are first order)
     inner_lr: float = 0.4
@@ -186,9 +190,17 @@ def fitted_schedule(cfg: OmniglotConfig, iterations: int, validations: int = 0) 
     return out
 
 
+def eval_task_args(cfg: OmniglotConfig) -> dict:
+    """Arguments of the validation and meta-test task families: task_args with eval_query_shots where set."""
+    args = task_args(cfg)
+    if cfg.eval_query_shots is not None:
+        args["query_shots"] = cfg.eval_query_shots
+    return args
+
+
 def test_tasks(cfg: OmniglotConfig) -> Omniglot:
     """The meta-test characters of the protocol (never seen in training or validation)."""
-    return Omniglot(split="test", **task_args(cfg))
+    return Omniglot(split="test", **eval_task_args(cfg))
 
 
 def plot_curve(run: Run, result: EvalResult, cfg: OmniglotConfig) -> None:
@@ -239,7 +251,7 @@ def run_omniglot(cfg: OmniglotConfig, run: Run) -> dict:
     check(cfg)
     s = spec(cfg)
     algorithm, tasks = build(s, seed=cfg.seed)
-    val = Omniglot(split="val", **task_args(cfg)) if cfg.val_every > 0 and cfg.val_characters > 0 else None
+    val = Omniglot(split="val", **eval_task_args(cfg)) if cfg.val_every > 0 and cfg.val_characters > 0 else None
     trained = meta_train(
         algorithm, tasks, cfg.iterations, cfg.meta_batch, cfg.outer_lr, run=run, seed=cfg.seed,
         val_tasks=val, val_every=cfg.val_every, val_n_tasks=cfg.val_tasks, log_every=cfg.log_every,
