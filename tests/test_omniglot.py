@@ -288,7 +288,8 @@ def test_eval_query_shots_trains_on_more_query_drawings_and_tests_the_papers_pro
     import json
 
     from metagrad.cli import main
-    from metagrad.experiments.omniglot import OmniglotConfig, spec, test_tasks
+    from metagrad.experiments.omniglot import OmniglotConfig, run_omniglot, spec, test_tasks
+    from metagrad.runs import Run
     from metagrad.train import build
 
     cfg = OmniglotConfig(query_shots=3, eval_query_shots=1, data=ROOT)
@@ -307,6 +308,10 @@ def test_eval_query_shots_trains_on_more_query_drawings_and_tests_the_papers_pro
     run, again = (json.loads((tmp_path / "r" / f).read_text()) for f in ("results.json", "eval.json"))
     assert again["settings"]["task_args"] == {"query_shots": 1}
     assert run["evaluation"]["curve"] == again["curve"] and run["evaluation"]["n_tasks"] == again["n_tasks"] == 20
+    # A test setting the data cannot serve (1 support + 20 query of 20 drawings) fails before any training.
+    with pytest.raises(ValueError, match="at most 20"):
+        run_omniglot(OmniglotConfig(eval_query_shots=20, data=ROOT), Run(tmp_path / "bad", {}))
+    assert not (tmp_path / "bad" / "checkpoint.safetensors").exists()
 
 
 def test_named_experiments_carry_the_papers_settings():

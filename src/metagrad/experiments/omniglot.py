@@ -251,6 +251,7 @@ def run_omniglot(cfg: OmniglotConfig, run: Run) -> dict:
     check(cfg)
     s = spec(cfg)
     algorithm, tasks = build(s, seed=cfg.seed)
+    test = test_tasks(cfg)  # before training, as `metagrad train`: a bad test setting fails now, not hours later
     val = Omniglot(split="val", **eval_task_args(cfg)) if cfg.val_every > 0 and cfg.val_characters > 0 else None
     trained = meta_train(
         algorithm, tasks, cfg.iterations, cfg.meta_batch, cfg.outer_lr, run=run, seed=cfg.seed,
@@ -262,7 +263,7 @@ def run_omniglot(cfg: OmniglotConfig, run: Run) -> dict:
     if cfg.bn_statistics == "running":
         algorithm.eval()  # per-step batch norm normalises with its running statistics
     # Test episodes from a generator no training stage uses (training: seed, seed+1, seed+2).
-    result = evaluate(algorithm, test_tasks(cfg), cfg.eval_tasks, max(cfg.curve_steps, cfg.eval_steps),
+    result = evaluate(algorithm, test, cfg.eval_tasks, max(cfg.curve_steps, cfg.eval_steps),
                       torch.Generator().manual_seed(cfg.seed + 10_000), progress=True)  # minutes on a CPU
     acc, ci = result.curve[cfg.eval_steps], result.curve_ci95[cfg.eval_steps]
     plot_curve(run, result, cfg)
@@ -285,7 +286,7 @@ def run_omniglot(cfg: OmniglotConfig, run: Run) -> dict:
         for m in members:
             m.train(cfg.bn_statistics != "running")
         # The same test episodes as the single model (the same generator seed).
-        ens = evaluate_ensemble(members, test_tasks(cfg), cfg.eval_tasks,
+        ens = evaluate_ensemble(members, test, cfg.eval_tasks,
                                 torch.Generator().manual_seed(cfg.seed + 10_000))
         table.append({**row, "algorithm": f"{cfg.algorithm}, ensemble of {len(members)} best validation checkpoints",
                       "test accuracy % (ours, 95% CI)": f"{100 * ens.mean:.2f} ± {100 * ens.ci95:.2f}"})
