@@ -54,6 +54,9 @@ reference code's 1,100 (it holds the other 100 out for validation); the 423 test
         --schedule-iterations 10000 --path vmap --threads 2 --peers learn2learn --outer-lr 3e-3 --eval-tasks 1000 \
         --data ../shared/data
 
+`--set train_ways=10` meta-trains ours on 10-way tasks and tests it, as every row, on 5-way ones with the first
+5 outputs of its head (higher-way training; `metagrad.train.narrowed`); validation (for an ensemble) is 10-way.
+
 `--side-by-side` runs the implementations of a task at the same time, each in its own process pinned
 to its own core with one thread: the same hardware for each, and half the wall time on 2 cores:
 
@@ -203,7 +206,7 @@ def train_recipe(cell: str, args: argparse.Namespace) -> dict:
     algorithm.to(args.device)
     test = experiment.test_tasks(cfg)
     # The ensemble's candidates are ranked on meta_train's fixed validation tasks; without one none are drawn.
-    fixed_val = experiment.Omniglot(split="val", **experiment.eval_task_args(cfg)).sample(
+    fixed_val = experiment.val_tasks(cfg).sample(
         cfg.val_tasks, torch.Generator().manual_seed(args.seed + 1)) if cfg.ensemble else None
     optimizer = torch.optim.Adam(algorithm.parameters(), lr=cfg.outer_lr)
     gen = torch.Generator().manual_seed(args.seed)
@@ -225,8 +228,8 @@ def train_recipe(cell: str, args: argparse.Namespace) -> dict:
         if trained >= marks[0]:
             marks.pop(0)
             episodes = torch.Generator().manual_seed(args.seed + 10_000)
-            point, curve = evaluated(algorithm, test, cfg.eval_steps, cfg.curve_steps, cfg.eval_tasks, episodes,
-                                     trained, iterations, f"metagrad {args.recipe} {cell}")
+            point, curve = evaluated(experiment.tested(algorithm, cfg), test, cfg.eval_steps, cfg.curve_steps,
+                                     cfg.eval_tasks, episodes, trained, iterations, f"metagrad {args.recipe} {cell}")
             points.append(point)
             curves.append(curve)
     named = driver_options(args, dict(args.set))
@@ -238,7 +241,7 @@ def train_recipe(cell: str, args: argparse.Namespace) -> dict:
             member, _ = build(experiment.spec(dataclasses.replace(cfg, path="loop")), seed=args.seed)
             member.load_state_dict(state)
             member.to(args.device)
-            members.append(member.train())
+            members.append(experiment.tested(member, cfg).train())
         ens = evaluate_ensemble(members, test, cfg.eval_tasks, torch.Generator().manual_seed(args.seed + 10_000))
         out["ensemble"] = {"iterations": [b[1] for b in best], "val": [b[0] for b in best],
                            "mean": ens.mean, "ci95": ens.ci95}

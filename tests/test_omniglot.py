@@ -314,6 +314,40 @@ def test_eval_query_shots_trains_on_more_query_drawings_and_tests_the_papers_pro
     assert not (tmp_path / "bad" / "checkpoint.safetensors").exists()
 
 
+def test_train_ways_meta_trains_on_more_classes_and_tests_ways_with_the_first_outputs(tmp_path, monkeypatch, capsys):
+    import json
+
+    from metagrad.cli import main
+    from metagrad.experiments.omniglot import OmniglotConfig, check, spec, test_tasks, tested, val_tasks
+    from metagrad.train import build
+
+    cfg = OmniglotConfig(train_ways=10, data=ROOT, hidden=8, path="loop")
+    s = spec(cfg)
+    algorithm, train = build(s)
+    gen = torch.Generator().manual_seed(0)
+    assert s["model_args"]["ways"] == 10 and algorithm.model.head.out_features == 10
+    assert train.sample(2, gen).support_x.shape == (2, 10, 1, 28, 28)  # 10 classes per meta-training task
+    assert val_tasks(cfg).ways == 10  # validation ranks the meta-trained 10-way classifier
+    test = test_tasks(cfg).sample(2, gen)
+    assert test.support_x.shape == (2, 5, 1, 28, 28) and test.query_y.tolist() == [[0, 1, 2, 3, 4]] * 2
+    five = tested(algorithm, cfg)
+    assert five.model.head.out_features == 5
+    torch.testing.assert_close(five.model.head.weight, algorithm.model.head.weight[:5])
+    assert tested(algorithm, OmniglotConfig(data=ROOT)) is algorithm  # nothing to narrow without train_ways
+    with pytest.raises(ValueError, match="train_ways=3 is fewer than the 5"):
+        check(OmniglotConfig(train_ways=3))
+    # `metagrad eval` of the run folder tests as the run did: 5-way tasks, the head's first 5 outputs.
+    monkeypatch.chdir(tmp_path)
+    tiny = [f"--set={k}" for k in ("train_ways=10", "iterations=6", "meta_batch=2", "hidden=8", "eval_tasks=20",
+                                   "curve_steps=1", "val_every=0", "path=loop", f"data={ROOT}")]
+    assert main(["run", "omniglot-5w1s", *tiny, "--out", "r"]) == 0
+    assert main(["eval", "r", "--no-progress"]) == 0
+    assert "trained on train_ways" in capsys.readouterr().err
+    run, again = (json.loads((tmp_path / "r" / f).read_text()) for f in ("results.json", "eval.json"))
+    assert again["settings"]["task_args"] == {"ways": 5} and again["spec"]["model_args"]["ways"] == 10
+    assert run["evaluation"]["curve"] == again["curve"] and run["evaluation"]["n_tasks"] == again["n_tasks"] == 20
+
+
 def test_named_experiments_carry_the_papers_settings():
     from metagrad.experiments import get
 

@@ -406,9 +406,15 @@ def eval_settings(config: dict[str, Any] | None, args: argparse.Namespace) -> di
     elif config and "eval_tasks" in config:  # a `metagrad train` run
         settings.update(n_tasks=config["eval_tasks"], steps=config.get("eval_steps"))
         source = "the run's eval_tasks and eval_steps (config.json)"
+        read = []
         if config.get("eval_query_shots") is not None:  # an experiment that tests with its own query size
-            settings["task_args"] = {"query_shots": config["eval_query_shots"]}
-            source = "the run's eval_tasks, eval_steps and eval_query_shots (config.json)"
+            settings["task_args"]["query_shots"] = config["eval_query_shots"]
+            read.append("eval_query_shots")
+        if config.get("train_ways") not in (None, config.get("ways")):  # tests on fewer classes than it trained
+            settings["task_args"]["ways"] = config["ways"]
+            read.append("ways (trained on train_ways)")
+        if read:
+            source = f"the run's eval_tasks, eval_steps, {' and '.join(read)} (config.json)"
     for key, flag in (("n_tasks", "n_tasks"), ("steps", "steps"), ("seed", "seed")):
         if getattr(args, flag) is not None:
             settings[key] = getattr(args, flag)

@@ -192,6 +192,29 @@ def load_checkpoint(algorithm: nn.Module, checkpoint: str | Path | dict[str, Any
     return checkpoint
 
 
+def narrowed(algorithm: Algorithm, spec: dict[str, Any], ways: int) -> Algorithm:
+    """`spec`'s algorithm for tasks of `ways` classes with `algorithm`'s state (meta-trained on more): its
+    classifier keeps the first `ways` of its outputs."""
+    # Higher-way training (Snell et al. 2017 train 5-way Omniglot on 60-way tasks): every task's labels are a
+    # random order of its classes, so the head's rows are exchangeable and its first `ways` are a `ways`-way
+    # head. Every state tensor with a class dimension (the head; Meta-SGD's rates of it) is cut along it.
+    trained = int((spec.get("model_args") or {}).get("ways", 0))
+    if not 0 < ways <= trained:
+        raise ValueError(f"a classifier with {trained} outputs cannot be narrowed to {ways} classes"
+                         if trained else "spec's model_args hold no `ways`: not a classifier with a class per output")
+    out, _ = build({**spec, "model_args": {**spec["model_args"], "ways": ways}})
+    state, shapes = algorithm.state_dict(), {k: v.shape for k, v in out.state_dict().items()}
+    cut = {}
+    for k, v in state.items():
+        if v.shape != shapes[k]:
+            if shapes[k][1:] != v.shape[1:] or shapes[k][0] != ways:  # the class dimension comes first
+                raise ValueError(f"{k}: shape {tuple(v.shape)} does not narrow to {tuple(shapes[k])}")
+            v = v[:ways]
+        cut[k] = v
+    out.load_state_dict(cut)
+    return out.to(algorithm.device()).train(algorithm.training)
+
+
 # -- the loop ----------------------------------------------------------------------------------------
 @contextmanager
 def _deferred_interrupts() -> Iterator[list[int]]:
@@ -441,13 +464,15 @@ def evaluate_checkpoint(path: str | Path, n_tasks: int = 1000, steps: int | None
     algorithm, _ = build(state["spec"], seed=int(state.get("seed", 0)))
     load_checkpoint(algorithm, state)
     algorithm.to(device)
+    spec = {**state["spec"], "task_args": {**(state["spec"].get("task_args") or {}), **(task_args or {})}}
+    tasks = build_tasks(spec, split=split)
+    if int(getattr(tasks, "ways", 0) or 0) < int((spec.get("model_args") or {}).get("ways", 0)):
+        algorithm = narrowed(algorithm, state["spec"], int(tasks.ways))  # meta-trained on more classes
     if inner_lr is not None:
         from metagrad import inner
 
         algorithm.inner_opt, algorithm.inner_lr = inner.sgd(inner_lr), inner_lr
     seed = int(state.get("seed", 0)) if seed is None else seed
-    spec = {**state["spec"], "task_args": {**(state["spec"].get("task_args") or {}), **(task_args or {})}}
-    tasks = build_tasks(spec, split=split)
     # Held-out tasks from a generator no training run uses (training: seed, seed+1, seed+2).
     gen = torch.Generator().manual_seed(seed + 10_000)
     if one_batch:

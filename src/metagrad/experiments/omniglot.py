@@ -10,8 +10,9 @@ convolutions and 64 filters; 5-way: inner_lr 0.4, 1 inner step at meta-train and
 meta_batch 32; 20-way: inner_lr 0.1, 5 steps and 5, meta_batch 16; Adam with outer_lr 1e-3;
 60,000 iterations (`budget_minutes` stops earlier, cleanly); K query drawings per class at
 meta-train and meta-test, as in the reference code (`query_shots`; `eval_query_shots` sets meta-test's and
-validation's apart). Meta-test: 600 episodes on the 423 held-out
-characters, mean accuracy, 95% CI and the adaptation curve.
+validation's apart; `train_ways` meta-trains on tasks of more classes, the head's first `ways` outputs
+testing on `ways`). Meta-test: 600 episodes on the 423 held-out characters, mean accuracy, 95% CI and the
+adaptation curve.
 
 `omniglot-5w1s-maml++` and `omniglot-20w1s-maml++` take the MAML++ code's Omniglot settings
 (experiment_config/omniglot_maml++-* of HowToTrainYourMAMLPytorch): Conv4 with max-pooling, 5 inner
@@ -37,11 +38,12 @@ from dataclasses import dataclass
 import torch
 
 from metagrad.algorithms import MAML_PLUS_PLUS
+from metagrad.algorithms.base import Algorithm
 from metagrad.evaluation import EvalResult, evaluate, evaluate_ensemble
 from metagrad.experiments import experiment
 from metagrad.runs import Run
 from metagrad.tasks.omniglot import Omniglot
-from metagrad.train import build, meta_train
+from metagrad.train import build, meta_train, narrowed
 
 # Published mean accuracy (%), (algorithm, ways, shots) -> value.
 PUBLISHED = {
@@ -60,6 +62,9 @@ class OmniglotConfig:
     # Per class at validation and meta-test; None: query_shots. More query drawings at meta-train with the
     # papers' test protocol (K per class) unchanged: query_shots=3 eval_query_shots=1.
     eval_query_shots: int | None = None
+    # Classes per meta-training task; None: ways. Tested on `ways`-way tasks with the first `ways` outputs of the
+    # head (higher-way training, as Prototypical Networks train 5-way Omniglot on 60-way tasks).
+    train_ways: int | None = None
     algorithm: str = "maml"         # maml | fomaml | reptile | anil | metasgd | maml++
     order: int = 2                  # for maml, anil, metasgd, maml++ (fomaml and reptile are first order)
     inner_lr: float = 0.4
@@ -149,10 +154,10 @@ class Omniglot20wMAMLPlusPlusConfig(OmniglotMAMLPlusPlusConfig):
 
 
 def task_args(cfg: OmniglotConfig) -> dict:
-    """Arguments of the Omniglot task family for this config (stored in the checkpoint's spec)."""
-    return {"ways": cfg.ways, "shots": cfg.shots, "query_shots": cfg.query_shots, "protocol": cfg.protocol,
-            "rotations": cfg.rotations, "val_characters": cfg.val_characters, "root": cfg.data or None,
-            "device": cfg.device}
+    """Arguments of the meta-training task family for this config (stored in the checkpoint's spec)."""
+    return {"ways": cfg.train_ways or cfg.ways, "shots": cfg.shots, "query_shots": cfg.query_shots,
+            "protocol": cfg.protocol, "rotations": cfg.rotations, "val_characters": cfg.val_characters,
+            "root": cfg.data or None, "device": cfg.device}
 
 
 def spec(cfg: OmniglotConfig) -> dict:
@@ -165,7 +170,7 @@ def spec(cfg: OmniglotConfig) -> dict:
             args[key] = getattr(cfg, key)
     if cfg.zero_head:
         args["zero_head"] = True
-    model_args = {"ways": cfg.ways, "hidden": cfg.hidden, "pool": cfg.pool}
+    model_args = {"ways": cfg.train_ways or cfg.ways, "hidden": cfg.hidden, "pool": cfg.pool}
     if cfg.per_step_bn:  # one set per number of inner updates, 0..inner_steps (more at meta-test reuse the last)
         model_args.update(per_step_bn=cfg.inner_steps + 1, running_stats=cfg.running_stats)
     return {"algorithm": cfg.algorithm, "algorithm_args": args, "model": "conv4", "model_args": model_args,
@@ -191,8 +196,9 @@ def fitted_schedule(cfg: OmniglotConfig, iterations: int, validations: int = 0) 
 
 
 def eval_task_args(cfg: OmniglotConfig) -> dict:
-    """Arguments of the validation and meta-test task families: task_args with eval_query_shots where set."""
-    args = task_args(cfg)
+    """Arguments of the validation and meta-test task families: task_args with `ways` (not train_ways) and
+    eval_query_shots where set."""
+    args = {**task_args(cfg), "ways": cfg.ways}
     if cfg.eval_query_shots is not None:
         args["query_shots"] = cfg.eval_query_shots
     return args
@@ -201,6 +207,16 @@ def eval_task_args(cfg: OmniglotConfig) -> dict:
 def test_tasks(cfg: OmniglotConfig) -> Omniglot:
     """The meta-test characters of the protocol (never seen in training or validation)."""
     return Omniglot(split="test", **eval_task_args(cfg))
+
+
+def val_tasks(cfg: OmniglotConfig) -> Omniglot:
+    """The validation characters, in tasks of the meta-trained classifier's classes (train_ways)."""
+    return Omniglot(split="val", **{**eval_task_args(cfg), "ways": cfg.train_ways or cfg.ways})
+
+
+def tested(algorithm: Algorithm, cfg: OmniglotConfig) -> Algorithm:
+    """The algorithm meta-test runs: `algorithm`, or trained on more classes (train_ways), its `ways`-way copy."""
+    return narrowed(algorithm, spec(cfg), cfg.ways) if (cfg.train_ways or cfg.ways) != cfg.ways else algorithm
 
 
 def plot_curve(run: Run, result: EvalResult, cfg: OmniglotConfig) -> None:
@@ -227,6 +243,9 @@ def check(cfg: OmniglotConfig) -> None:
         raise ValueError("running_stats keeps per-step running statistics: it needs per_step_bn=true")
     if cfg.bn_statistics == "running" and not cfg.running_stats:
         raise ValueError("bn_statistics='running' normalises with the running statistics: it needs running_stats=true")
+    if cfg.train_ways is not None and cfg.train_ways < cfg.ways:
+        raise ValueError(f"train_ways={cfg.train_ways} is fewer than the {cfg.ways} classes of a test task: the "
+                         "head must have an output for each")
     if cfg.ensemble and not (cfg.val_every > 0 and cfg.val_characters > 0):
         raise ValueError("ensemble ranks checkpoints by validation accuracy: it needs val_every > 0 and "
                          "val_characters > 0")
@@ -252,7 +271,7 @@ def run_omniglot(cfg: OmniglotConfig, run: Run) -> dict:
     s = spec(cfg)
     algorithm, tasks = build(s, seed=cfg.seed)
     test = test_tasks(cfg)  # before training, as `metagrad train`: a bad test setting fails now, not hours later
-    val = Omniglot(split="val", **eval_task_args(cfg)) if cfg.val_every > 0 and cfg.val_characters > 0 else None
+    val = val_tasks(cfg) if cfg.val_every > 0 and cfg.val_characters > 0 else None
     trained = meta_train(
         algorithm, tasks, cfg.iterations, cfg.meta_batch, cfg.outer_lr, run=run, seed=cfg.seed,
         val_tasks=val, val_every=cfg.val_every, val_n_tasks=cfg.val_tasks, log_every=cfg.log_every,
@@ -263,7 +282,7 @@ def run_omniglot(cfg: OmniglotConfig, run: Run) -> dict:
     if cfg.bn_statistics == "running":
         algorithm.eval()  # per-step batch norm normalises with its running statistics
     # Test episodes from a generator no training stage uses (training: seed, seed+1, seed+2).
-    result = evaluate(algorithm, test, cfg.eval_tasks, max(cfg.curve_steps, cfg.eval_steps),
+    result = evaluate(tested(algorithm, cfg), test, cfg.eval_tasks, max(cfg.curve_steps, cfg.eval_steps),
                       torch.Generator().manual_seed(cfg.seed + 10_000), progress=True)  # minutes on a CPU
     acc, ci = result.curve[cfg.eval_steps], result.curve_ci95[cfg.eval_steps]
     plot_curve(run, result, cfg)
@@ -279,7 +298,7 @@ def run_omniglot(cfg: OmniglotConfig, run: Run) -> dict:
         f"Trained {trained.iteration} of the published run's {full:,} iterations ({trained.stopped}); the "
         "published number is for full training.")
     table, out = [row], {}
-    members = ensemble_members(run, cfg.device) if cfg.ensemble else []
+    members = [tested(m, cfg) for m in ensemble_members(run, cfg.device)] if cfg.ensemble else []
     if cfg.ensemble and not members:
         note = (note + " " if note else "") + "No validation point was reached, so no ensemble was tested."
     if members:
