@@ -236,12 +236,12 @@ def train_recipe(cell: str, args: argparse.Namespace) -> dict:
     out = {"impl": f"metagrad ({args.recipe}{''.join(f', {k}={v}' for k, v in [*named, *args.set])})", "cell": cell,
            "points": points, "curves": curves, "schedule_iterations": horizon}
     if best:
-        members = []
+        members, on_loop = [], dataclasses.replace(cfg, path="loop")
         for _, _, state in best:  # members run on the loop: forked workers are the trained algorithm's own
-            member, _ = build(experiment.spec(dataclasses.replace(cfg, path="loop")), seed=args.seed)
+            member, _ = build(experiment.spec(on_loop), seed=args.seed)
             member.load_state_dict(state)
             member.to(args.device)
-            members.append(experiment.tested(member, cfg).train())
+            members.append(experiment.tested(member, on_loop).train())  # narrowed, it stays on the loop
         ens = evaluate_ensemble(members, test, cfg.eval_tasks, torch.Generator().manual_seed(args.seed + 10_000))
         out["ensemble"] = {"iterations": [b[1] for b in best], "val": [b[0] for b in best],
                            "mean": ens.mean, "ci95": ens.ci95}
