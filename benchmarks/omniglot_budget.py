@@ -27,8 +27,10 @@ multi-step loss, a first-order warm-up) is scaled to the iterations that fit the
 benchmarks/maml_pp_ablation.py (`experiments.omniglot.fitted_schedule`; the iterations: timed on 20 of a
 throwaway run before the budget starts, or `--schedule-iterations`); what `--set` names stays as set. With
 `ensemble=K` the model is validated every `val_every` iterations (10 times over a fitted schedule; outside the
-budget) and the last point also tests the ensemble of the K best validation checkpoints. The peers still run
-the paper's MAML; each gets `--threads` threads:
+budget) and the last point also tests the ensemble of the K best validation checkpoints. With `tta_shift=S`
+(and `support_shift=S`) every point is also tested with test-time augmentation on the same episodes: the mean
+prediction over the query images shifted by up to S pixels (after adapting on every such shift of the support
+images). The peers still run the paper's MAML; each gets `--threads` threads:
 
     .venv-bench/bin/python benchmarks/omniglot_budget.py --tasks 5w1s --minutes 30 --recipe paper \
         --set lr_schedule=cosine --set min_outer_lr=1e-5 --set ensemble=5 --set val_every=250 --path vmap \
@@ -230,6 +232,13 @@ def train_recipe(cell: str, args: argparse.Namespace) -> dict:
             episodes = torch.Generator().manual_seed(args.seed + 10_000)
             point, curve = evaluated(experiment.tested(algorithm, cfg), test, cfg.eval_steps, cfg.curve_steps,
                                      cfg.eval_tasks, episodes, trained, iterations, f"metagrad {args.recipe} {cell}")
+            if cfg.tta_shift or cfg.support_shift:  # the same episodes again, with test-time augmentation
+                tta = evaluate_ensemble([experiment.tested(algorithm, cfg)], test, cfg.eval_tasks,
+                                        torch.Generator().manual_seed(args.seed + 10_000), **experiment.tta_shifts(cfg))
+                curve["tta"] = {"mean": tta.mean, "ci95": tta.ci95, "tta_shift": cfg.tta_shift,
+                                "support_shift": cfg.support_shift}
+                print(f"  metagrad {args.recipe} {cell}: {experiment.tta_label(cfg)}: {100 * tta.mean:.2f} ± "
+                      f"{100 * tta.ci95:.2f}%", flush=True)
             points.append(point)
             curves.append(curve)
     named = driver_options(args, dict(args.set))
@@ -336,6 +345,9 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
     for r in rows:
         seconds, its = r["points"][-1][0], r["points"][-1][1]
         accs = [f"{100 * m:.2f} ± {100 * c:.2f}" for _, _, m, c in r["points"]]
+        for k, c in enumerate(r.get("curves", [])):
+            if "tta" in c:
+                accs[k] += f" (test-time augmentation: {100 * c['tta']['mean']:.2f} ± {100 * c['tta']['ci95']:.2f})"
         if "ensemble" in r:
             accs[-1] += f" (ensemble of {len(r['ensemble']['iterations'])}: {100 * r['ensemble']['mean']:.2f} ± " \
                         f"{100 * r['ensemble']['ci95']:.2f})"

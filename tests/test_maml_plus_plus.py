@@ -7,7 +7,14 @@ from torch import nn
 
 from metagrad import TaskBatch, core
 from metagrad.algorithms import MAML
-from metagrad.evaluation import ensemble_predict, evaluate, evaluate_ensemble
+from metagrad.evaluation import (
+    ensemble_predict,
+    evaluate,
+    evaluate_ensemble,
+    shift_views,
+    shifted,
+    with_shifted_support,
+)
 from metagrad.models import MLP, Conv4, PerStepBatchNorm
 from metagrad.runs import Run, read_checkpoint
 from metagrad.tasks import Sinusoid
@@ -127,6 +134,71 @@ def test_the_ensemble_predicts_the_mean_of_its_members_predictions(gen):
     assert result.mean == pytest.approx(float((mean.argmax(-1) == batch.query_y).double().mean()), abs=1e-12)
     single = evaluate_ensemble(members[:1], batch)  # one member: the model's own accuracy
     assert single.mean == pytest.approx(evaluate(members[0], batch).mean, abs=1e-12)
+
+
+# -- test-time augmentation: the mean prediction over shifted views of the query images -----------------------
+def shifted_by_hand(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Pixel (i, j) of the output is pixel (i - dy, j - dx) of the input, clamped to the frame."""
+    h, w = x.shape[-2:]
+    rows = [min(max(i - dy, 0), h - 1) for i in range(h)]
+    cols = [min(max(j - dx, 0), w - 1) for j in range(w)]
+    return x[..., rows, :][..., cols]
+
+
+def test_shifted_moves_the_image_and_repeats_its_edge(gen):
+    x = torch.rand(2, 3, 1, 7, 9, generator=gen)
+    for dy, dx in [(1, 0), (-1, 0), (0, 2), (0, -3), (2, -1), (-2, 3), (0, 0)]:
+        assert torch.equal(shifted(x, dy, dx), shifted_by_hand(x, dy, dx)), (dy, dx)
+    assert torch.equal(shifted(x, 1, 0)[..., 1:, :], x[..., :-1, :])  # one row down, the top row repeated
+    assert torch.equal(shifted(x, 1, 0)[..., 0, :], x[..., 0, :])
+    with pytest.raises(ValueError, match="out of its frame"):
+        shifted(x, 7, 0)
+
+
+def test_shift_views_are_every_shift_within_the_radius_the_image_itself_first():
+    assert shift_views(0) == [(0, 0)]
+    views = shift_views(1)
+    assert views[0] == (0, 0) and len(views) == len(set(views)) == 9
+    assert set(views) == {(a, b) for a in (-1, 0, 1) for b in (-1, 0, 1)}
+    assert len(shift_views(2)) == 25
+    with pytest.raises(ValueError):
+        shift_views(-1)
+
+
+def test_test_time_augmentation_predicts_the_mean_over_the_shifted_query_views(gen):
+    members = [MAML(conv4(seed=s), inner_lr=0.1, inner_steps=2, loss_fn=CE, path="loop") for s in range(2)]
+    batch = image_batch(gen, tasks=3)
+    views = shift_views(1)
+    moved = [TaskBatch(batch.support_x, batch.support_y, shifted_by_hand(batch.query_x, dy, dx), batch.query_y)
+             for dy, dx in views]
+    refs = [[reference_prediction(m, b) for b in moved] for m in members]  # [members][views]
+    one = ensemble_predict(members[:1], batch, views)
+    assert torch.allclose(one, torch.stack(refs[0]).mean(0), atol=1e-12)
+    assert not torch.allclose(refs[0][0], refs[0][1], atol=1e-3)  # the views differ: the mean is a real average
+    both = ensemble_predict(members, batch, views)  # members and views: one mean over all of them
+    assert torch.allclose(both, torch.stack([r for rs in refs for r in rs]).mean(0), atol=1e-12)
+    assert torch.equal(ensemble_predict(members[:1], batch, [(0, 0)]), ensemble_predict(members[:1], batch))
+    result = evaluate_ensemble(members[:1], batch, query_shifts=views)
+    assert result.mean == pytest.approx(float((one.argmax(-1) == batch.query_y).double().mean()), abs=1e-12)
+    with pytest.raises(ValueError, match="at least one view"):
+        ensemble_predict(members, batch, [])
+
+
+def test_support_augmentation_adapts_on_every_shifted_copy_of_the_support_images(gen):
+    alg = MAML(conv4(seed=3), inner_lr=0.1, inner_steps=2, loss_fn=CE, path="loop")
+    batch = image_batch(gen, tasks=3)
+    s_views, q_views = shift_views(1), [(0, 0), (1, -1)]
+    sx = torch.cat([shifted_by_hand(batch.support_x, dy, dx) for dy, dx in s_views], 1)  # [tasks, 3 * 9, 1, 12, 12]
+    sy = torch.cat([batch.support_y] * len(s_views), 1)
+    refs = [reference_prediction(alg, TaskBatch(sx, sy, shifted_by_hand(batch.query_x, dy, dx), batch.query_y))
+            for dy, dx in q_views]
+    got = ensemble_predict([alg], batch, q_views, support_shifts=s_views)
+    assert torch.allclose(got, torch.stack(refs).mean(0), atol=1e-12)
+    plain = ensemble_predict([alg], batch, q_views)
+    assert not torch.allclose(got, plain, atol=1e-3)  # the shifted copies change the adapted model
+    assert torch.equal(with_shifted_support(batch, [(0, 0)]).support_x, batch.support_x)
+    with pytest.raises(ValueError, match="at least one view"):
+        with_shifted_support(batch, [])
 
 
 def test_meta_train_keeps_the_best_validation_checkpoints(tmp_path, gen):

@@ -438,6 +438,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                              + (f"; its models' run folders do: {', '.join(inside)}" if inside else ""))
         path = found
     check_device(args.device)
+    if args.tta_shift < 0 or args.support_shift < 0:
+        raise UsageError("--tta-shift and --support-shift are numbers of pixels, >= 0")
     state = read_checkpoint(path)
     spec = state.get("spec") or {}
     config_path = folder / "config.json"
@@ -454,14 +456,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
           file=sys.stderr)
     algorithm, result = evaluate_checkpoint(path, s["n_tasks"], s["steps"], s["seed"], args.split, args.device,
                                             task_args=s["task_args"], one_batch=s["one_batch"],
-                                            inner_lr=s["inner_lr"], progress=not args.no_progress)
+                                            inner_lr=s["inner_lr"], progress=not args.no_progress,
+                                            tta_shift=args.tta_shift, support_shift=args.support_shift)
     print(result)
-    print("curve over inner steps: " + ", ".join(f"{k}: {m:.4g}" for k, m in enumerate(result.curve)))
+    if args.tta_shift or args.support_shift:
+        print(f"with test-time augmentation (query views shifted by up to {args.tta_shift} px, support images in "
+              f"every shift of up to {args.support_shift} px) after {result.steps} inner steps")
+    else:
+        print("curve over inner steps: " + ", ".join(f"{k}: {m:.4g}" for k, m in enumerate(result.curve)))
     seed = int(state.get("seed", 0)) if s["seed"] is None else s["seed"]
     atomic_write_json(folder / "eval.json", {
         **result.as_dict(), "checkpoint": str(path), "algorithm": spec.get("algorithm"), "tasks": spec.get("tasks"),
         "spec": spec, "iteration": state.get("iteration"), "split": args.split, "seed": seed,
-        "settings": {k: v for k, v in s.items() if k != "seed"}})
+        "settings": {k: v for k, v in s.items() if k != "seed"},
+        "tta_shift": args.tta_shift, "support_shift": args.support_shift})
     print(f"written: {folder / 'eval.json'}")
     return 0
 
@@ -598,6 +606,12 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--split", default="test", choices=("train", "val", "test"),
                    help="which tasks, for task families with splits")
     q.add_argument("--device", default="cpu", help="torch device")
+    q.add_argument("--tta-shift", type=int, default=0, metavar="PIXELS",
+                   help="test-time augmentation: the mean prediction over the query images shifted by up to this "
+                        "many pixels along each axis (1: 9 views); images only")
+    q.add_argument("--support-shift", type=int, default=0, metavar="PIXELS",
+                   help="test-time augmentation: adapt on the support images in every shift of up to this many "
+                        "pixels (1: 9 copies of each); images only")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
     q.set_defaults(fn=cmd_eval)
 

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
+import torch.nn.functional as F
 
 from metagrad.algorithms.base import check_steps
 from metagrad.core import TaskBatch
@@ -63,20 +64,64 @@ def _sampled(tasks: TaskDistribution | TaskBatch, n_tasks: int, generator: torch
     return (tasks.sample(s, generator) for s in sizes)
 
 
+def shifted(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Images `[..., H, W]` moved `dy` pixels down and `dx` right, the edge pixels repeated into the gap."""
+    h, w = x.shape[-2:]
+    if abs(dy) >= h or abs(dx) >= w:
+        raise ValueError(f"a shift of ({dy}, {dx}) pixels moves a {h}x{w} image out of its frame")
+    if dy == 0 and dx == 0:
+        return x
+    p = max(abs(dy), abs(dx))
+    # Repeating the edge rather than wrapping round (torch.roll) keeps a stroke near one border off the other.
+    padded = F.pad(x.reshape(-1, 1, h, w), (p, p, p, p), mode="replicate")
+    return padded[..., p - dy:p - dy + h, p - dx:p - dx + w].reshape(x.shape)
+
+
+def shift_views(radius: int) -> list[tuple[int, int]]:
+    """The (dy, dx) shifts of test-time augmentation: every shift of at most `radius` pixels along each axis,
+    (0, 0) first; radius 0: the images as they are."""
+    if radius < 0:
+        raise ValueError(f"radius must be >= 0, got {radius}")
+    r = range(-radius, radius + 1)
+    return sorted(((dy, dx) for dy in r for dx in r), key=lambda s: (s != (0, 0), s))
+
+
+def with_shifted_support(batch: TaskBatch, shifts: Sequence[tuple[int, int]]) -> TaskBatch:
+    """The batch with its support set in every view of `shifts` (labels repeated): support
+    `[tasks, shots * len(shifts), ...]`, views in the order given; the query set as it is."""
+    if not shifts:
+        raise ValueError("support_shifts needs at least one view, (0, 0) for the images as they are")
+    if list(shifts) == [(0, 0)]:
+        return batch
+    x = torch.cat([shifted(batch.support_x, dy, dx) for dy, dx in shifts], 1)
+    y = batch.support_y.repeat(1, len(shifts), *([1] * (batch.support_y.dim() - 2)))
+    return TaskBatch(x, y, batch.query_x, batch.query_y)
+
+
 @torch.no_grad()
-def ensemble_predict(members: Sequence, batch: TaskBatch) -> torch.Tensor:
+def ensemble_predict(members: Sequence, batch: TaskBatch,
+                     query_shifts: Sequence[tuple[int, int]] = ((0, 0),),
+                     support_shifts: Sequence[tuple[int, int]] = ((0, 0),)) -> torch.Tensor:
     """The ensemble's prediction on each task's query inputs: every member adapts on the support set
-    (`eval_steps` steps) and predicts; class probabilities (integer labels) or outputs are averaged over the
-    members: `[tasks, query_shots, ...]`."""
+    (`eval_steps` steps; in every view of `support_shifts`, `with_shifted_support`) and predicts on each view of
+    the query images (`query_shifts`); class probabilities (integer labels) or outputs are averaged over the
+    members and query views: `[tasks, query_shots, ...]`. The shifts (`shift_views`) are test-time augmentation;
+    their default is the images as they are."""
     if not members:
         raise ValueError("an ensemble needs at least one member")
+    if not query_shifts:
+        raise ValueError("query_shifts needs at least one view, (0, 0) for the images as they are")
     classify = not batch.query_y.is_floating_point()
+    support = with_shifted_support(batch, support_shifts)
     preds = []
     for m in members:
         buffers = {n: b.clone() for n, b in m.model.named_buffers()}
-        out = m.predict(m.adapt(batch), batch.query_x)
+        adapted = m.adapt(support)
+        for dy, dx in query_shifts:
+            # One forward pass per view: the batch statistics stay those of one view of the query set.
+            out = m.predict(adapted, shifted(batch.query_x, dy, dx))
+            preds.append(out.softmax(-1) if classify else out)
         _restore(m, buffers)
-        preds.append(out.softmax(-1) if classify else out)
     return torch.stack(preds).mean(0)
 
 
@@ -86,16 +131,19 @@ def evaluate_ensemble(
     n_tasks: int = 1000,
     generator: torch.Generator | None = None,
     batch_size: int = 100,
+    query_shifts: Sequence[tuple[int, int]] = ((0, 0),),
+    support_shifts: Sequence[tuple[int, int]] = ((0, 0),),
 ) -> EvalResult:
     """Query accuracy (integer labels: the argmax of the mean probability) or loss (the first member's `loss_fn`
     of the mean output) of the ensemble `ensemble_predict` on held-out tasks: mean and 95% CI over the tasks.
-    MAML++ tests the ensemble of its five best validation checkpoints (`meta_train(keep_best=5)`). The result's
-    curve holds the members' `eval_steps` point only."""
+    MAML++ tests the ensemble of its five best validation checkpoints (`meta_train(keep_best=5)`); one member
+    with `query_shifts` and `support_shifts` (`shift_views`) is test-time augmentation of a single model. The
+    result's curve holds the members' `eval_steps` point only."""
     device = members[0].device() if members else None
     per_task, metric = [], "loss"
     for b in _sampled(tasks, n_tasks, generator, batch_size):
         b = b.to(device)
-        mean = ensemble_predict(members, b)
+        mean = ensemble_predict(members, b, query_shifts, support_shifts)
         if not b.query_y.is_floating_point():
             metric = "accuracy"
             per_task.append((mean.argmax(-1) == b.query_y).double().mean(1).cpu())

@@ -39,7 +39,7 @@ import torch
 
 from metagrad.algorithms import MAML_PLUS_PLUS
 from metagrad.algorithms.base import Algorithm
-from metagrad.evaluation import EvalResult, evaluate, evaluate_ensemble
+from metagrad.evaluation import EvalResult, evaluate, evaluate_ensemble, shift_views
 from metagrad.experiments import experiment
 from metagrad.runs import Run
 from metagrad.tasks.omniglot import Omniglot
@@ -91,6 +91,11 @@ class OmniglotConfig:
     # (running: chance level, 5.75%, in the 20-way ablation of benchmarks/README.md: the inner rates were learned
     # under batch statistics, and the MAML++ code itself always normalises with the batch's)
     ensemble: int = 0               # MAML++: test the ensemble of this many best validation checkpoints too
+    # Test-time augmentation, also tested on the same episodes: the mean prediction over the query images shifted
+    # by up to `tta_shift` pixels along each axis (1: 9 views), after adapting on the support images in every
+    # shift of up to `support_shift` pixels (1: 9 copies of each); 0 and 0: none.
+    tta_shift: int = 0
+    support_shift: int = 0
     eval_tasks: int = 600
     curve_steps: int = 10           # the adaptation curve is measured over 0..max(curve_steps, eval_steps) steps
     val_every: int = 1000           # 0: no validation during training
@@ -246,9 +251,24 @@ def check(cfg: OmniglotConfig) -> None:
     if cfg.train_ways is not None and cfg.train_ways < cfg.ways:
         raise ValueError(f"train_ways={cfg.train_ways} is fewer than the {cfg.ways} classes of a test task: the "
                          "head must have an output for each")
+    for key in ("tta_shift", "support_shift"):
+        if getattr(cfg, key) < 0:
+            raise ValueError(f"{key} is a number of pixels, >= 0; got {getattr(cfg, key)}")
     if cfg.ensemble and not (cfg.val_every > 0 and cfg.val_characters > 0):
         raise ValueError("ensemble ranks checkpoints by validation accuracy: it needs val_every > 0 and "
                          "val_characters > 0")
+
+
+def tta_shifts(cfg: OmniglotConfig) -> dict:
+    """The views of test-time augmentation (`evaluate_ensemble`'s `query_shifts` and `support_shifts`)."""
+    return {"query_shifts": shift_views(cfg.tta_shift), "support_shifts": shift_views(cfg.support_shift)}
+
+
+def tta_label(cfg: OmniglotConfig) -> str:
+    """Test-time augmentation in words, for a table row."""
+    views = [f"the support images in {len(shift_views(cfg.support_shift))} shifts of up to {cfg.support_shift} px"]
+    views += [f"the mean over {len(shift_views(cfg.tta_shift))} query views shifted up to {cfg.tta_shift} px"]
+    return "test-time augmentation: " + ", ".join(v for v, on in zip(views, (cfg.support_shift, cfg.tta_shift)) if on)
 
 
 def ensemble_members(run: Run, device: str) -> list:
@@ -310,6 +330,12 @@ def run_omniglot(cfg: OmniglotConfig, run: Run) -> dict:
         table.append({**row, "algorithm": f"{cfg.algorithm}, ensemble of {len(members)} best validation checkpoints",
                       "test accuracy % (ours, 95% CI)": f"{100 * ens.mean:.2f} ± {100 * ens.ci95:.2f}"})
         out = {"ensemble": {**ens.as_dict(), "iterations": [e["iteration"] for e in run.best()]}}
+    if cfg.tta_shift or cfg.support_shift:
+        tta = evaluate_ensemble([tested(algorithm, cfg)], test, cfg.eval_tasks,
+                                torch.Generator().manual_seed(cfg.seed + 10_000), **tta_shifts(cfg))
+        table.append({**row, "algorithm": f"{cfg.algorithm}, {tta_label(cfg)}",
+                      "test accuracy % (ours, 95% CI)": f"{100 * tta.mean:.2f} ± {100 * tta.ci95:.2f}"})
+        out["tta"] = {**tta.as_dict(), "tta_shift": cfg.tta_shift, "support_shift": cfg.support_shift}
     return {"accuracy": acc, "ci95": ci, "iterations": trained.iteration, "stopped": trained.stopped,
             "train_seconds": trained.seconds, "evaluation": result.as_dict(), "spec": s, "table": table,
             "note": note, **out}
