@@ -85,7 +85,7 @@ from torch import nn
 from metagrad import TaskBatch, distributed, experiments
 from metagrad.algorithms import ANIL, MAML
 from metagrad.algorithms.base import Algorithm
-from metagrad.evaluation import evaluate, evaluate_ensemble
+from metagrad.evaluation import evaluate, evaluate_ensemble, tta_views
 from metagrad.experiments import omniglot as experiment
 from metagrad.models import Conv4
 from metagrad.tasks.omniglot import Omniglot
@@ -234,7 +234,8 @@ def train_recipe(cell: str, args: argparse.Namespace) -> dict:
                                      cfg.eval_tasks, episodes, trained, iterations, f"metagrad {args.recipe} {cell}")
             if cfg.tta_shift or cfg.support_shift:  # the same episodes again, with test-time augmentation
                 tta = evaluate_ensemble([experiment.tested(algorithm, cfg)], test, cfg.eval_tasks,
-                                        torch.Generator().manual_seed(args.seed + 10_000), **experiment.tta_shifts(cfg))
+                                        torch.Generator().manual_seed(args.seed + 10_000),
+                                        **tta_views(cfg.tta_shift, cfg.support_shift))
                 curve["tta"] = {"mean": tta.mean, "ci95": tta.ci95, "tta_shift": cfg.tta_shift,
                                 "support_shift": cfg.support_shift}
                 print(f"  metagrad {args.recipe} {cell}: {experiment.tta_label(cfg)}: {100 * tta.mean:.2f} ± "

@@ -86,6 +86,11 @@ def shift_views(radius: int) -> list[tuple[int, int]]:
     return sorted(((dy, dx) for dy in r for dx in r), key=lambda s: (s != (0, 0), s))
 
 
+def tta_views(query_shift: int, support_shift: int) -> dict[str, list[tuple[int, int]]]:
+    """`evaluate_ensemble`'s `query_shifts` and `support_shifts` for shifts of up to these many pixels."""
+    return {"query_shifts": shift_views(query_shift), "support_shifts": shift_views(support_shift)}
+
+
 def with_shifted_support(batch: TaskBatch, shifts: Sequence[tuple[int, int]]) -> TaskBatch:
     """The batch with its support set in every view of `shifts` (labels repeated): support
     `[tasks, shots * len(shifts), ...]`, views in the order given; the query set as it is."""

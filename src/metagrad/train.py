@@ -33,7 +33,7 @@ from torch import nn
 
 from metagrad import distributed
 from metagrad.algorithms.base import Algorithm
-from metagrad.evaluation import evaluate, evaluate_ensemble, shift_views
+from metagrad.evaluation import evaluate, evaluate_ensemble, tta_views
 from metagrad.models import MLP, Conv4
 from metagrad.models.gnn import GCN
 from metagrad.runs import CHECKPOINT, Run, find_checkpoint, read_checkpoint
@@ -479,9 +479,8 @@ def evaluate_checkpoint(path: str | Path, n_tasks: int = 1000, steps: int | None
     if tta_shift or support_shift:
         if steps is not None:
             algorithm.eval_steps = steps
-        views = {"query_shifts": shift_views(tta_shift), "support_shifts": shift_views(support_shift)}
         held_out = tasks.sample(n_tasks, gen) if one_batch else tasks
-        return algorithm, evaluate_ensemble([algorithm], held_out, n_tasks, gen, **views)
+        return algorithm, evaluate_ensemble([algorithm], held_out, n_tasks, gen, **tta_views(tta_shift, support_shift))
     if one_batch:
         result = evaluate(algorithm, tasks.sample(n_tasks, gen), steps=steps, progress=progress)
     else:

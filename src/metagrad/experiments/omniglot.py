@@ -39,7 +39,7 @@ import torch
 
 from metagrad.algorithms import MAML_PLUS_PLUS
 from metagrad.algorithms.base import Algorithm
-from metagrad.evaluation import EvalResult, evaluate, evaluate_ensemble, shift_views
+from metagrad.evaluation import EvalResult, evaluate, evaluate_ensemble, shift_views, tta_views
 from metagrad.experiments import experiment
 from metagrad.runs import Run
 from metagrad.tasks.omniglot import Omniglot
@@ -259,16 +259,15 @@ def check(cfg: OmniglotConfig) -> None:
                          "val_characters > 0")
 
 
-def tta_shifts(cfg: OmniglotConfig) -> dict:
-    """The views of test-time augmentation (`evaluate_ensemble`'s `query_shifts` and `support_shifts`)."""
-    return {"query_shifts": shift_views(cfg.tta_shift), "support_shifts": shift_views(cfg.support_shift)}
-
-
 def tta_label(cfg: OmniglotConfig) -> str:
     """Test-time augmentation in words, for a table row."""
-    views = [f"the support images in {len(shift_views(cfg.support_shift))} shifts of up to {cfg.support_shift} px"]
-    views += [f"the mean over {len(shift_views(cfg.tta_shift))} query views shifted up to {cfg.tta_shift} px"]
-    return "test-time augmentation: " + ", ".join(v for v, on in zip(views, (cfg.support_shift, cfg.tta_shift)) if on)
+    parts = []
+    if cfg.support_shift:
+        parts.append(f"the support images in {len(shift_views(cfg.support_shift))} shifts of up to "
+                     f"{cfg.support_shift} px")
+    if cfg.tta_shift:
+        parts.append(f"the mean over {len(shift_views(cfg.tta_shift))} query views shifted up to {cfg.tta_shift} px")
+    return "test-time augmentation: " + ", ".join(parts)
 
 
 def ensemble_members(run: Run, device: str) -> list:
@@ -332,7 +331,8 @@ def run_omniglot(cfg: OmniglotConfig, run: Run) -> dict:
         out = {"ensemble": {**ens.as_dict(), "iterations": [e["iteration"] for e in run.best()]}}
     if cfg.tta_shift or cfg.support_shift:
         tta = evaluate_ensemble([tested(algorithm, cfg)], test, cfg.eval_tasks,
-                                torch.Generator().manual_seed(cfg.seed + 10_000), **tta_shifts(cfg))
+                                torch.Generator().manual_seed(cfg.seed + 10_000),
+                                **tta_views(cfg.tta_shift, cfg.support_shift))
         table.append({**row, "algorithm": f"{cfg.algorithm}, {tta_label(cfg)}",
                       "test accuracy % (ours, 95% CI)": f"{100 * tta.mean:.2f} ± {100 * tta.ci95:.2f}"})
         out["tta"] = {**tta.as_dict(), "tta_shift": cfg.tta_shift, "support_shift": cfg.support_shift}
