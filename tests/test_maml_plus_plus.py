@@ -201,6 +201,20 @@ def test_support_augmentation_adapts_on_every_shifted_copy_of_the_support_images
         with_shifted_support(batch, [])
 
 
+def test_support_augmentation_adapts_the_tasks_in_chunks_that_hold_the_plain_batchs_memory(gen):
+    alg = MAML(conv4(seed=4), inner_lr=0.1, inner_steps=1, loss_fn=CE, path="vmap")
+    batch, views = image_batch(gen, tasks=10), shift_views(1)
+    adapt, seen = alg.adapt, []
+    alg.adapt = lambda b: seen.append(b.support_x.shape[:2]) or adapt(b)
+    got = ensemble_predict([alg], batch, [(0, 0), (1, 0)], views)
+    # 10 tasks, 9 views: chunks of 2 tasks, each 2 x 27 support images, under the plain batch's 10 x 3.
+    assert seen == [torch.Size([2, 27])] * 5
+    one_by_one = torch.cat([ensemble_predict([alg], batch[i:i + 1], [(0, 0), (1, 0)], views) for i in range(10)])
+    assert torch.allclose(got, one_by_one, atol=1e-12)
+    with pytest.raises(ValueError, match="at least one view"):
+        ensemble_predict([alg], batch, [(0, 0)], [])
+
+
 def test_meta_train_keeps_the_best_validation_checkpoints(tmp_path, gen):
     torch.manual_seed(0)
     alg = MAML(MLP((1, 8, 1)), inner_lr=0.01, inner_steps=1)
