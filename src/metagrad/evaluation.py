@@ -116,12 +116,10 @@ def ensemble_predict(members: Sequence, batch: TaskBatch,
         raise ValueError("an ensemble needs at least one member")
     if not query_shifts:
         raise ValueError("query_shifts needs at least one view, (0, 0) for the images as they are")
-    if not support_shifts:
-        raise ValueError("support_shifts needs at least one view, (0, 0) for the images as they are")
     # Each support view adds the batch's support set again: the tasks in as many chunks as views keep the memory of
     # an adaptation that of the plain batch (25 views of 100 Omniglot tasks at once filled 24 GiB). Tasks adapt
     # independently, so the chunks change no prediction.
-    size = -(-len(batch) // len(support_shifts))
+    size = -(-len(batch) // max(len(support_shifts), 1))  # none: one chunk, and with_shifted_support refuses it
     return torch.cat([_predict(members, batch[i:i + size], query_shifts, support_shifts)
                       for i in range(0, len(batch), size)])
 
