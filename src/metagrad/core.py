@@ -272,7 +272,7 @@ def functional(model: nn.Module) -> Model:
 
 
 class _BatchNorm(torch.autograd.Function):
-    """Affine batch norm on batch statistics, its backward written by hand in differentiable ops.
+    """Batch norm on batch statistics (weight and bias optional), its backward written by hand in differentiable ops.
 
     Autograd's chain through the written-out op (subtract, square, mean, rsqrt, multiply, add, each with its own
     backward) passes over the activations several times more than this backward, whose full-size work is one
@@ -285,17 +285,22 @@ class _BatchNorm(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> tuple[Tensor, Tensor, Tensor]:
         dims, shape, m = _bn_dims(x)
+        # The centred x once, for the variance and the output: a fifth less time over forward, backward and
+        # double backward than torch's var (a Welford pass) beside a second subtraction (benchmarks/README.md).
         centred = x - x.sum(dims, keepdim=True) * m
         rstd = torch.rsqrt((centred * centred).sum(dims, keepdim=True) * m + eps)  # [1, channels, 1, ...]
-        return torch.addcmul(bias.view(shape), centred, rstd * weight.view(shape)), centred, rstd
+        scale = rstd if weight is None else rstd * weight.view(shape)
+        out = centred * scale if bias is None else torch.addcmul(bias.view(shape), centred, scale)
+        return out, centred, rstd
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        _, weight, _, _ = inputs
+        _, weight, bias, _ = inputs
         _, centred, rstd = output
         ctx.save_for_backward(centred, rstd, weight)
+        ctx.has_bias = bias is not None
         ctx.set_materialize_grads(False)  # the first backward gets no gradient for centred and rstd: skip them
 
     @staticmethod
@@ -306,10 +311,11 @@ class _BatchNorm(torch.autograd.Function):
         gx = gw = gb = None
         if g is not None:
             # d out / d x = a * (g - mean(g) - centred * rstd^2 * mean(g * centred)), a = rstd * weight.
-            a = rstd * weight.view(shape)
+            a = rstd if weight is None else rstd * weight.view(shape)
             g_sum = g.sum(dims, keepdim=True)
             gc_sum = (g * centred).sum(dims, keepdim=True)
-            gw, gb = (gc_sum * rstd).view(-1), g_sum.view(-1)
+            gw = None if weight is None else (gc_sum * rstd).view(-1)
+            gb = g_sum.view(-1) if ctx.has_bias else None
             gx = torch.addcmul(torch.addcmul(a * g_sum * -m, centred, a * rstd * rstd * gc_sum * -m), g, a)
         if g_centred is not None:  # centred = x - mean(x)
             t = g_centred - g_centred.sum(dims, keepdim=True) * m
@@ -327,19 +333,7 @@ def _bn_dims(x: Tensor) -> tuple[list[int], list[int], float]:
 
 def batch_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
     """Batch norm of `x [n, channels, ...]` over its own batch, in plain ops: exact under vmap at any order."""
-    if weight is not None and bias is not None:
-        return _BatchNorm.apply(x, weight, bias, eps)[0]
-    dims, shape, m = _bn_dims(x)
-    # The centred x once, for the variance and the output: a fifth less time over forward, backward and
-    # double backward than torch's var (a Welford pass) beside a second subtraction (benchmarks/README.md).
-    centred = x - x.sum(dims, keepdim=True) * m
-    scale = torch.rsqrt((centred * centred).sum(dims, keepdim=True) * m + eps)  # [1, channels, 1, ...]
-    if weight is not None:
-        scale = scale * weight.view(shape)
-    out = centred * scale
-    if bias is not None:
-        out = out + bias.view(shape)
-    return out
+    return _BatchNorm.apply(x, weight, bias, eps)[0]
 
 
 class WrittenOutBatchNorm(nn.Module):
