@@ -332,7 +332,7 @@ def _bn_dims(x: Tensor) -> tuple[list[int], list[int], float]:
 
 
 def batch_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
-    """Batch norm of `x [n, channels, ...]` over its own batch, in plain ops: exact under vmap at any order."""
+    """Batch norm of `x [n, channels, ...]` over its own batch (`_BatchNorm`): exact under vmap at any order."""
     return _BatchNorm.apply(x, weight, bias, eps)[0]
 
 
