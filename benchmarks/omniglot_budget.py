@@ -30,7 +30,8 @@ throwaway run before the budget starts, or `--schedule-iterations`); what `--set
 budget) and the last point also tests the ensemble of the K best validation checkpoints. With `tta_shift=S`
 (and `support_shift=S`) every point is also tested with test-time augmentation on the same episodes: the mean
 prediction over the query images shifted by up to S pixels (after adapting on every such shift of the support
-images). The peers still run the paper's MAML; each gets `--threads` threads:
+images); with `tta_rotations=2` (or 4) the mean over each whole task as it is and turned upside down (or by every
+quarter-turn), each adapted on its own. The peers still run the paper's MAML; each gets `--threads` threads:
 
     .venv-bench/bin/python benchmarks/omniglot_budget.py --tasks 5w1s --minutes 30 --recipe paper \
         --set lr_schedule=cosine --set min_outer_lr=1e-5 --set ensemble=5 --set val_every=250 --path vmap \
@@ -232,12 +233,11 @@ def train_recipe(cell: str, args: argparse.Namespace) -> dict:
             episodes = torch.Generator().manual_seed(args.seed + 10_000)
             point, curve = evaluated(experiment.tested(algorithm, cfg), test, cfg.eval_steps, cfg.curve_steps,
                                      cfg.eval_tasks, episodes, trained, iterations, f"metagrad {args.recipe} {cell}")
-            if cfg.tta_shift or cfg.support_shift:  # the same episodes again, with test-time augmentation
+            if experiment.tta(cfg):  # the same episodes again, with test-time augmentation
                 tta = evaluate_ensemble([experiment.tested(algorithm, cfg)], test, cfg.eval_tasks,
                                         torch.Generator().manual_seed(args.seed + 10_000),
-                                        **tta_views(cfg.tta_shift, cfg.support_shift))
-                curve["tta"] = {"mean": tta.mean, "ci95": tta.ci95, "tta_shift": cfg.tta_shift,
-                                "support_shift": cfg.support_shift}
+                                        **tta_views(cfg.tta_shift, cfg.support_shift, cfg.tta_rotations))
+                curve["tta"] = {"mean": tta.mean, "ci95": tta.ci95, **experiment.tta(cfg)}
                 print(f"  metagrad {args.recipe} {cell}: {experiment.tta_label(cfg)}: {100 * tta.mean:.2f} ± "
                       f"{100 * tta.ci95:.2f}%", flush=True)
             points.append(point)

@@ -11,8 +11,11 @@ from metagrad.evaluation import (
     ensemble_predict,
     evaluate,
     evaluate_ensemble,
+    rotated_task,
+    rotation_views,
     shift_views,
     shifted,
+    tta_views,
     with_shifted_support,
 )
 from metagrad.models import MLP, Conv4, PerStepBatchNorm
@@ -199,6 +202,52 @@ def test_support_augmentation_adapts_on_every_shifted_copy_of_the_support_images
     assert torch.equal(with_shifted_support(batch, [(0, 0)]).support_x, batch.support_x)
     with pytest.raises(ValueError, match="at least one view"):
         with_shifted_support(batch, [])
+
+
+def turned_by_hand(x: torch.Tensor, turns: int) -> torch.Tensor:
+    """Each image `[..., n, n]` turned counter-clockwise `turns` times: pixel (i, j) of one turn is (j, n - 1 - i)."""
+    for _ in range(turns % 4):
+        n = x.shape[-1]
+        x = torch.stack([torch.stack([x[..., j, n - 1 - i] for j in range(n)], -1) for i in range(n)], -2)
+    return x
+
+
+def test_task_rotations_average_the_predictions_on_the_whole_task_turned(gen):
+    alg = MAML(conv4(seed=5), inner_lr=0.1, inner_steps=2, loss_fn=CE, path="loop")
+    batch = image_batch(gen, tasks=3)
+    assert rotation_views(1) == [0] and rotation_views(2) == [0, 2] and rotation_views(4) == [0, 1, 2, 3]
+    turned = {k: TaskBatch(turned_by_hand(batch.support_x, k), batch.support_y,
+                           turned_by_hand(batch.query_x, k), batch.query_y) for k in range(4)}
+    for k in range(4):
+        assert torch.equal(rotated_task(batch, k).support_x, turned[k].support_x)
+        assert torch.equal(rotated_task(batch, k).query_x, turned[k].query_x)
+    refs = {k: reference_prediction(alg, turned[k]) for k in range(4)}
+    assert not torch.allclose(refs[0], refs[1], atol=1e-3)  # a turned task is another view: the mean is a real one
+    for turns in (2, 4):
+        got = ensemble_predict([alg], batch, **tta_views(0, 0, turns))
+        assert torch.allclose(got, torch.stack([refs[k] for k in rotation_views(turns)]).mean(0), atol=1e-12)
+    assert torch.equal(ensemble_predict([alg], batch, task_rotations=[0]), ensemble_predict([alg], batch))
+    # With shifts too: every rotation adapts on its own shifted support copies and averages its query views.
+    s_views, q_views = [(0, 0), (1, 0)], [(0, 0), (0, -1)]
+    refs = []
+    for k in (0, 2):
+        t = turned[k]
+        sx = torch.cat([shifted_by_hand(t.support_x, dy, dx) for dy, dx in s_views], 1)
+        sy = torch.cat([t.support_y] * len(s_views), 1)
+        refs += [reference_prediction(alg, TaskBatch(sx, sy, shifted_by_hand(t.query_x, dy, dx), t.query_y))
+                 for dy, dx in q_views]
+    got = ensemble_predict([alg], batch, q_views, s_views, task_rotations=[0, 2])
+    assert torch.allclose(got, torch.stack(refs).mean(0), atol=1e-12)
+    result = evaluate_ensemble([alg], batch, task_rotations=[0, 2])
+    mean = ensemble_predict([alg], batch, task_rotations=[0, 2])
+    assert result.mean == pytest.approx(float((mean.argmax(-1) == batch.query_y).double().mean()), abs=1e-12)
+    with pytest.raises(ValueError, match="1 \\(none\\), 2"):
+        rotation_views(3)
+    with pytest.raises(ValueError, match="at least one view"):
+        ensemble_predict([alg], batch, task_rotations=[])
+    wide = TaskBatch(batch.support_x[..., :10], batch.support_y, batch.query_x[..., :10], batch.query_y)
+    with pytest.raises(ValueError, match="square images"):
+        rotated_task(wide, 1)
 
 
 def test_support_augmentation_adapts_the_tasks_in_chunks_that_hold_the_plain_batchs_memory(gen):

@@ -318,25 +318,37 @@ def test_test_time_augmentation_of_a_run_and_of_metagrad_eval_agree(tmp_path, mo
     import json
 
     from metagrad.cli import main
+    from metagrad.experiments.omniglot import OmniglotConfig, run_omniglot
+    from metagrad.runs import Run
 
     monkeypatch.chdir(tmp_path)
     tiny = [f"--set={k}" for k in ("iterations=6", "meta_batch=2", "hidden=8", "eval_tasks=20", "curve_steps=1",
-                                   "val_every=0", "path=loop", "tta_shift=1", "support_shift=1", f"data={ROOT}")]
+                                   "val_every=0", "path=loop", "tta_shift=1", "support_shift=1", "tta_rotations=2",
+                                   f"data={ROOT}")]
     assert main(["run", "omniglot-5w1s", *tiny, "--out", "r"]) == 0
     run = json.loads((tmp_path / "r" / "results.json").read_text())
     tta = run["tta"]
-    assert (tta["tta_shift"], tta["support_shift"], tta["n_tasks"], tta["steps"]) == (1, 1, 20, 3)
+    views = (tta["tta_shift"], tta["support_shift"], tta["tta_rotations"])
+    assert views == (1, 1, 2) and (tta["n_tasks"], tta["steps"]) == (20, 3)
     assert "test-time augmentation" in run["table"][-1]["algorithm"]
     assert run["table"][-1]["test accuracy % (ours, 95% CI)"] == f"{100 * tta['mean']:.2f} ± {100 * tta['ci95']:.2f}"
     # The same checkpoint and episodes from `metagrad eval`: the same number; without the flags, the plain one.
-    assert main(["eval", "r", "--no-progress", "--tta-shift", "1", "--support-shift", "1"]) == 0
+    flags = ["--tta-shift", "1", "--support-shift", "1", "--tta-rotations", "2"]
+    assert main(["eval", "r", "--no-progress", *flags]) == 0
     again = json.loads((tmp_path / "r" / "eval.json").read_text())
-    assert (again["mean"], again["ci95"], again["tta_shift"]) == (tta["mean"], tta["ci95"], 1)
+    assert (again["mean"], again["ci95"]) == (tta["mean"], tta["ci95"])
+    assert (again["tta_shift"], again["support_shift"], again["tta_rotations"]) == views
     assert main(["eval", "r", "--no-progress"]) == 0
     plain = json.loads((tmp_path / "r" / "eval.json").read_text())
     assert plain["curve"] == run["evaluation"]["curve"] and plain["tta_shift"] == 0
     assert main(["eval", "r", "--tta-shift", "-1"]) == 2
     assert "numbers of pixels" in capsys.readouterr().err
+    # Turning whole tasks needs a model trained on rotated classes; the check runs before any training.
+    with pytest.raises(ValueError, match="rotations=true"):
+        run_omniglot(OmniglotConfig(tta_rotations=2, rotations=False, data=ROOT), Run(tmp_path / "bad", {}))
+    with pytest.raises(ValueError, match="1 \\(none\\), 2"):
+        run_omniglot(OmniglotConfig(tta_rotations=3, data=ROOT), Run(tmp_path / "bad", {}))
+    assert not (tmp_path / "bad" / "checkpoint.safetensors").exists()
 
 
 def test_train_ways_meta_trains_on_more_classes_and_tests_ways_with_the_first_outputs(tmp_path, monkeypatch, capsys):

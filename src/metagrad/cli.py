@@ -457,10 +457,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     algorithm, result = evaluate_checkpoint(path, s["n_tasks"], s["steps"], s["seed"], args.split, args.device,
                                             task_args=s["task_args"], one_batch=s["one_batch"],
                                             inner_lr=s["inner_lr"], progress=not args.no_progress,
-                                            tta_shift=args.tta_shift, support_shift=args.support_shift)
+                                            tta_shift=args.tta_shift, support_shift=args.support_shift,
+                                            tta_rotations=args.tta_rotations)
     print(result)
-    if args.tta_shift or args.support_shift:
-        print(f"with test-time augmentation (query views shifted by up to {args.tta_shift} px, support images in "
+    if args.tta_shift or args.support_shift or args.tta_rotations > 1:
+        print(f"with test-time augmentation ({args.tta_rotations} rotations of each task, "
+              f"query views shifted by up to {args.tta_shift} px, support images in "
               f"every shift of up to {args.support_shift} px) after {result.steps} inner steps")
     else:
         print("curve over inner steps: " + ", ".join(f"{k}: {m:.4g}" for k, m in enumerate(result.curve)))
@@ -469,7 +471,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         **result.as_dict(), "checkpoint": str(path), "algorithm": spec.get("algorithm"), "tasks": spec.get("tasks"),
         "spec": spec, "iteration": state.get("iteration"), "split": args.split, "seed": seed,
         "settings": {k: v for k, v in s.items() if k != "seed"},
-        "tta_shift": args.tta_shift, "support_shift": args.support_shift})
+        "tta_shift": args.tta_shift, "support_shift": args.support_shift, "tta_rotations": args.tta_rotations})
     print(f"written: {folder / 'eval.json'}")
     return 0
 
@@ -612,6 +614,10 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--support-shift", type=int, default=0, metavar="PIXELS",
                    help="test-time augmentation: adapt on the support images in every shift of up to this many "
                         "pixels (1: 9 copies of each); images only")
+    q.add_argument("--tta-rotations", type=int, default=1, choices=(1, 2, 4), metavar="VIEWS",
+                   help="test-time augmentation: the mean prediction over each whole task as it is and turned "
+                        "upside down (2) or by every quarter-turn (4), each adapted on its own; square images, "
+                        "for models trained with rotated classes (Omniglot's MAML split)")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
     q.set_defaults(fn=cmd_eval)
 

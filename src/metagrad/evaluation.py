@@ -86,9 +86,32 @@ def shift_views(radius: int) -> list[tuple[int, int]]:
     return sorted(((dy, dx) for dy in r for dx in r), key=lambda s: (s != (0, 0), s))
 
 
-def tta_views(query_shift: int, support_shift: int) -> dict[str, list[tuple[int, int]]]:
-    """`evaluate_ensemble`'s `query_shifts` and `support_shifts` for shifts of up to these many pixels."""
-    return {"query_shifts": shift_views(query_shift), "support_shifts": shift_views(support_shift)}
+def rotation_views(turns: int) -> list[int]:
+    """The quarter-turns of test-time augmentation by rotating whole tasks: 1, the task as it is ([0]); 2, also
+    upside down ([0, 2]); 4, every quarter-turn ([0, 1, 2, 3])."""
+    if turns not in (1, 2, 4):
+        raise ValueError(f"rotation views are 1 (none), 2 (and a half-turn) or 4 (every quarter-turn); got {turns}")
+    return list(range(0, 4, 4 // turns))
+
+
+def tta_views(query_shift: int, support_shift: int, rotations: int = 1) -> dict[str, list]:
+    """`evaluate_ensemble`'s `query_shifts`, `support_shifts` and `task_rotations` for shifts of up to these many
+    pixels and `rotations` views of each task (`rotation_views`)."""
+    return {"query_shifts": shift_views(query_shift), "support_shifts": shift_views(support_shift),
+            "task_rotations": rotation_views(rotations)}
+
+
+def rotated_task(batch: TaskBatch, turns: int) -> TaskBatch:
+    """The task with every support and query image `[..., H, W]` turned by `turns` quarter-turns counter-clockwise
+    (labels as they are): the same task seen another way round."""
+    if turns % 4 == 0:
+        return batch
+    h, w = batch.support_x.shape[-2:]
+    if h != w or batch.query_x.shape[-2:] != (h, w):
+        raise ValueError(f"rotating a task needs square images of one size; support {tuple(batch.support_x.shape)}, "
+                         f"query {tuple(batch.query_x.shape)}")
+    return TaskBatch(torch.rot90(batch.support_x, turns, (-2, -1)), batch.support_y,
+                     torch.rot90(batch.query_x, turns, (-2, -1)), batch.query_y)
 
 
 def with_shifted_support(batch: TaskBatch, shifts: Sequence[tuple[int, int]]) -> TaskBatch:
@@ -106,22 +129,28 @@ def with_shifted_support(batch: TaskBatch, shifts: Sequence[tuple[int, int]]) ->
 @torch.no_grad()
 def ensemble_predict(members: Sequence, batch: TaskBatch,
                      query_shifts: Sequence[tuple[int, int]] = ((0, 0),),
-                     support_shifts: Sequence[tuple[int, int]] = ((0, 0),)) -> torch.Tensor:
-    """The ensemble's prediction on each task's query inputs: every member adapts on the support set
-    (`eval_steps` steps; in every view of `support_shifts`, `with_shifted_support`) and predicts on each view of
-    the query images (`query_shifts`); class probabilities (integer labels) or outputs are averaged over the
-    members and query views: `[tasks, query_shots, ...]`. The shifts (`shift_views`) are test-time augmentation;
-    their default is the images as they are."""
+                     support_shifts: Sequence[tuple[int, int]] = ((0, 0),),
+                     task_rotations: Sequence[int] = (0,)) -> torch.Tensor:
+    """The ensemble's prediction on each task's query inputs: for each whole-task rotation in `task_rotations`
+    (`rotated_task`), every member adapts on the support set (`eval_steps` steps; in every view of
+    `support_shifts`, `with_shifted_support`) and predicts on each view of the query images (`query_shifts`);
+    class probabilities (integer labels) or outputs are averaged over the rotations, members and query views:
+    `[tasks, query_shots, ...]`. The views (`tta_views`) are test-time augmentation; their default is the task
+    as it is."""
     if not members:
         raise ValueError("an ensemble needs at least one member")
     if not query_shifts:
         raise ValueError("query_shifts needs at least one view, (0, 0) for the images as they are")
+    if not task_rotations:
+        raise ValueError("task_rotations needs at least one view, 0 for the task as it is")
     # Each support view adds the batch's support set again: the tasks in as many chunks as views keep the memory of
     # an adaptation that of the plain batch (25 views of 100 Omniglot tasks at once filled 24 GiB). Tasks adapt
     # independently, so the chunks change no prediction.
     size = -(-len(batch) // max(len(support_shifts), 1))  # none: one chunk, and with_shifted_support refuses it
-    return torch.cat([_predict(members, batch[i:i + size], query_shifts, support_shifts)
-                      for i in range(0, len(batch), size)])
+    # A rotated task is a task of the same distribution where training saw rotated classes (Omniglot's MAML
+    # split): its prediction is one more view, as a shifted image is, averaged with the same weight.
+    return torch.stack([torch.cat([_predict(members, rotated_task(batch[i:i + size], k), query_shifts, support_shifts)
+                                   for i in range(0, len(batch), size)]) for k in task_rotations]).mean(0)
 
 
 def _predict(members: Sequence, batch: TaskBatch, query_shifts: Sequence[tuple[int, int]],
@@ -148,17 +177,18 @@ def evaluate_ensemble(
     batch_size: int = 100,
     query_shifts: Sequence[tuple[int, int]] = ((0, 0),),
     support_shifts: Sequence[tuple[int, int]] = ((0, 0),),
+    task_rotations: Sequence[int] = (0,),
 ) -> EvalResult:
     """Query accuracy (integer labels: the argmax of the mean probability) or loss (the first member's `loss_fn`
     of the mean output) of the ensemble `ensemble_predict` on held-out tasks: mean and 95% CI over the tasks.
     MAML++ tests the ensemble of its five best validation checkpoints (`meta_train(keep_best=5)`); one member
-    with `query_shifts` and `support_shifts` (`shift_views`) is test-time augmentation of a single model. The
-    result's curve holds the members' `eval_steps` point only."""
+    with `query_shifts`, `support_shifts` and `task_rotations` (`tta_views`) is test-time augmentation of a single
+    model. The result's curve holds the members' `eval_steps` point only."""
     device = members[0].device() if members else None
     per_task, metric = [], "loss"
     for b in _sampled(tasks, n_tasks, generator, batch_size):
         b = b.to(device)
-        mean = ensemble_predict(members, b, query_shifts, support_shifts)
+        mean = ensemble_predict(members, b, query_shifts, support_shifts, task_rotations)
         if not b.query_y.is_floating_point():
             metric = "accuracy"
             per_task.append((mean.argmax(-1) == b.query_y).double().mean(1).cpu())

@@ -446,14 +446,16 @@ def meta_train(
 def evaluate_checkpoint(path: str | Path, n_tasks: int = 1000, steps: int | None = None, seed: int | None = None,
                         split: str = "test", device: str = "cpu", task_args: dict[str, Any] | None = None,
                         one_batch: bool = False, inner_lr: float | None = None,
-                        progress: bool = False, tta_shift: int = 0, support_shift: int = 0) -> tuple[Algorithm, Any]:
+                        progress: bool = False, tta_shift: int = 0, support_shift: int = 0,
+                        tta_rotations: int = 1) -> tuple[Algorithm, Any]:
     """Rebuild the algorithm of a checkpoint from its spec, load it, evaluate on held-out tasks (seed: the run's).
 
     The protocol of the run's own table, where it differs from the defaults: `task_args` override the
     spec's (e.g. more query points at meta-test), `one_batch` samples all `n_tasks` at once (as an
     experiment that samples its test set in one call does), `inner_lr` is the fine-tuning rate chosen
-    after training (the pre-trained baseline's). `tta_shift`/`support_shift` test with test-time augmentation
-    (`evaluation.evaluate_ensemble` of the one model over shifted views of the images; the curve: its last point).
+    after training (the pre-trained baseline's). `tta_shift`/`support_shift`/`tta_rotations` test with test-time
+    augmentation (`evaluation.evaluate_ensemble` of the one model over shifted views of the images and rotated
+    views of each task, `evaluation.tta_views`; the curve: its last point).
     """
     path = Path(path)
     if path.is_dir():
@@ -476,11 +478,12 @@ def evaluate_checkpoint(path: str | Path, n_tasks: int = 1000, steps: int | None
     seed = int(state.get("seed", 0)) if seed is None else seed
     # Held-out tasks from a generator no training run uses (training: seed, seed+1, seed+2).
     gen = torch.Generator().manual_seed(seed + 10_000)
-    if tta_shift or support_shift:
+    if tta_shift or support_shift or tta_rotations > 1:
         if steps is not None:
             algorithm.eval_steps = steps
         held_out = tasks.sample(n_tasks, gen) if one_batch else tasks
-        return algorithm, evaluate_ensemble([algorithm], held_out, n_tasks, gen, **tta_views(tta_shift, support_shift))
+        views = tta_views(tta_shift, support_shift, tta_rotations)
+        return algorithm, evaluate_ensemble([algorithm], held_out, n_tasks, gen, **views)
     if one_batch:
         result = evaluate(algorithm, tasks.sample(n_tasks, gen), steps=steps, progress=progress)
     else:

@@ -39,7 +39,7 @@ import torch
 
 from metagrad.algorithms import MAML_PLUS_PLUS
 from metagrad.algorithms.base import Algorithm
-from metagrad.evaluation import EvalResult, evaluate, evaluate_ensemble, shift_views, tta_views
+from metagrad.evaluation import EvalResult, evaluate, evaluate_ensemble, rotation_views, shift_views, tta_views
 from metagrad.experiments import experiment
 from metagrad.runs import Run
 from metagrad.tasks.omniglot import Omniglot
@@ -93,9 +93,12 @@ class OmniglotConfig:
     ensemble: int = 0               # MAML++: test the ensemble of this many best validation checkpoints too
     # Test-time augmentation, also tested on the same episodes: the mean prediction over the query images shifted
     # by up to `tta_shift` pixels along each axis (1: 9 views), after adapting on the support images in every
-    # shift of up to `support_shift` pixels (1: 9 copies of each); 0 and 0: none.
+    # shift of up to `support_shift` pixels (1: 9 copies of each); 0 and 0: none. `tta_rotations` views of each
+    # whole task (2: also turned upside down; 4: every quarter-turn), each adapted and predicted on its own: the
+    # MAML split's classes include every rotation of a character, so a turned task is a task of the same kind.
     tta_shift: int = 0
     support_shift: int = 0
+    tta_rotations: int = 1
     eval_tasks: int = 600
     curve_steps: int = 10           # the adaptation curve is measured over 0..max(curve_steps, eval_steps) steps
     val_every: int = 1000           # 0: no validation during training
@@ -254,14 +257,27 @@ def check(cfg: OmniglotConfig) -> None:
     for key in ("tta_shift", "support_shift"):
         if getattr(cfg, key) < 0:
             raise ValueError(f"{key} is a number of pixels, >= 0; got {getattr(cfg, key)}")
+    rotation_views(cfg.tta_rotations)  # 1, 2 or 4: fails here, before training, not at the test
+    if cfg.tta_rotations > 1 and not cfg.rotations:
+        raise ValueError("tta_rotations turns whole tasks, which training saw only with rotations=true (each "
+                         "character in 4 rotations is a class)")
     if cfg.ensemble and not (cfg.val_every > 0 and cfg.val_characters > 0):
         raise ValueError("ensemble ranks checkpoints by validation accuracy: it needs val_every > 0 and "
                          "val_characters > 0")
 
 
+def tta(cfg: OmniglotConfig) -> dict[str, int]:
+    """The config's test-time augmentation settings by name; empty where it has none."""
+    views = {"tta_shift": cfg.tta_shift, "support_shift": cfg.support_shift, "tta_rotations": cfg.tta_rotations}
+    return views if cfg.tta_shift or cfg.support_shift or cfg.tta_rotations > 1 else {}
+
+
 def tta_label(cfg: OmniglotConfig) -> str:
     """Test-time augmentation in words, for a table row."""
     parts = []
+    if cfg.tta_rotations > 1:
+        parts.append(f"each task in {cfg.tta_rotations} rotations" if cfg.tta_rotations == 4
+                     else "each task as it is and upside down")
     if cfg.support_shift:
         parts.append(f"the support images in {len(shift_views(cfg.support_shift))} shifts of up to "
                      f"{cfg.support_shift} px")
@@ -329,13 +345,13 @@ def run_omniglot(cfg: OmniglotConfig, run: Run) -> dict:
         table.append({**row, "algorithm": f"{cfg.algorithm}, ensemble of {len(members)} best validation checkpoints",
                       "test accuracy % (ours, 95% CI)": f"{100 * ens.mean:.2f} ± {100 * ens.ci95:.2f}"})
         out = {"ensemble": {**ens.as_dict(), "iterations": [e["iteration"] for e in run.best()]}}
-    if cfg.tta_shift or cfg.support_shift:
-        tta = evaluate_ensemble([tested(algorithm, cfg)], test, cfg.eval_tasks,
-                                torch.Generator().manual_seed(cfg.seed + 10_000),
-                                **tta_views(cfg.tta_shift, cfg.support_shift))
+    if tta(cfg):
+        augmented = evaluate_ensemble([tested(algorithm, cfg)], test, cfg.eval_tasks,
+                                      torch.Generator().manual_seed(cfg.seed + 10_000),
+                                      **tta_views(cfg.tta_shift, cfg.support_shift, cfg.tta_rotations))
         table.append({**row, "algorithm": f"{cfg.algorithm}, {tta_label(cfg)}",
-                      "test accuracy % (ours, 95% CI)": f"{100 * tta.mean:.2f} ± {100 * tta.ci95:.2f}"})
-        out["tta"] = {**tta.as_dict(), "tta_shift": cfg.tta_shift, "support_shift": cfg.support_shift}
+                      "test accuracy % (ours, 95% CI)": f"{100 * augmented.mean:.2f} ± {100 * augmented.ci95:.2f}"})
+        out["tta"] = {**augmented.as_dict(), **tta(cfg)}
     return {"accuracy": acc, "ci95": ci, "iterations": trained.iteration, "stopped": trained.stopped,
             "train_seconds": trained.seconds, "evaluation": result.as_dict(), "spec": s, "table": table,
             "note": note, **out}
