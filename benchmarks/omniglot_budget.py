@@ -208,6 +208,7 @@ def train_recipe(cell: str, args: argparse.Namespace) -> dict:
     algorithm, tasks = build(experiment.spec(cfg), seed=args.seed)
     algorithm.to(args.device)
     test = experiment.test_tasks(cfg)
+    augmentation = experiment.tta(cfg)  # test-time augmentation's settings; empty: none
     # The ensemble's candidates are ranked on meta_train's fixed validation tasks; without one none are drawn.
     fixed_val = experiment.val_tasks(cfg).sample(
         cfg.val_tasks, torch.Generator().manual_seed(args.seed + 1)) if cfg.ensemble else None
@@ -233,11 +234,11 @@ def train_recipe(cell: str, args: argparse.Namespace) -> dict:
             episodes = torch.Generator().manual_seed(args.seed + 10_000)
             point, curve = evaluated(experiment.tested(algorithm, cfg), test, cfg.eval_steps, cfg.curve_steps,
                                      cfg.eval_tasks, episodes, trained, iterations, f"metagrad {args.recipe} {cell}")
-            if experiment.tta(cfg):  # the same episodes again, with test-time augmentation
+            if augmentation:  # the same episodes again, with test-time augmentation
                 tta = evaluate_ensemble([experiment.tested(algorithm, cfg)], test, cfg.eval_tasks,
                                         torch.Generator().manual_seed(args.seed + 10_000),
                                         **tta_views(cfg.tta_shift, cfg.support_shift, cfg.tta_rotations))
-                curve["tta"] = {"mean": tta.mean, "ci95": tta.ci95, **experiment.tta(cfg)}
+                curve["tta"] = {"mean": tta.mean, "ci95": tta.ci95, **augmentation}
                 print(f"  metagrad {args.recipe} {cell}: {experiment.tta_label(cfg)}: {100 * tta.mean:.2f} ± "
                       f"{100 * tta.ci95:.2f}%", flush=True)
             points.append(point)

@@ -461,9 +461,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                             tta_rotations=args.tta_rotations)
     print(result)
     if args.tta_shift or args.support_shift or args.tta_rotations > 1:
-        print(f"with test-time augmentation ({args.tta_rotations} rotations of each task, "
-              f"query views shifted by up to {args.tta_shift} px, support images in "
-              f"every shift of up to {args.support_shift} px) after {result.steps} inner steps")
+        turns = f"each task in {args.tta_rotations} rotations, " if args.tta_rotations > 1 else ""
+        print(f"with test-time augmentation ({turns}query views shifted by up to {args.tta_shift} px, support images "
+              f"in every shift of up to {args.support_shift} px) after {result.steps} inner steps")
     else:
         print("curve over inner steps: " + ", ".join(f"{k}: {m:.4g}" for k, m in enumerate(result.curve)))
     seed = int(state.get("seed", 0)) if s["seed"] is None else s["seed"]

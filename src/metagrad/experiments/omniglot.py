@@ -345,13 +345,14 @@ def run_omniglot(cfg: OmniglotConfig, run: Run) -> dict:
         table.append({**row, "algorithm": f"{cfg.algorithm}, ensemble of {len(members)} best validation checkpoints",
                       "test accuracy % (ours, 95% CI)": f"{100 * ens.mean:.2f} ± {100 * ens.ci95:.2f}"})
         out = {"ensemble": {**ens.as_dict(), "iterations": [e["iteration"] for e in run.best()]}}
-    if tta(cfg):
+    augmentation = tta(cfg)
+    if augmentation:
         augmented = evaluate_ensemble([tested(algorithm, cfg)], test, cfg.eval_tasks,
                                       torch.Generator().manual_seed(cfg.seed + 10_000),
                                       **tta_views(cfg.tta_shift, cfg.support_shift, cfg.tta_rotations))
         table.append({**row, "algorithm": f"{cfg.algorithm}, {tta_label(cfg)}",
                       "test accuracy % (ours, 95% CI)": f"{100 * augmented.mean:.2f} ± {100 * augmented.ci95:.2f}"})
-        out["tta"] = {**augmented.as_dict(), **tta(cfg)}
+        out["tta"] = {**augmented.as_dict(), **augmentation}
     return {"accuracy": acc, "ci95": ci, "iterations": trained.iteration, "stopped": trained.stopped,
             "train_seconds": trained.seconds, "evaluation": result.as_dict(), "spec": s, "table": table,
             "note": note, **out}
